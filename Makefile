@@ -1,0 +1,31 @@
+# Two commands from a fresh clone: `make demo` and `make test`. Both install into .venv first.
+# torch is installed on its own first (the CPU wheel) so pip never pulls a multi-GB CUDA build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+DEMO_DIR ?= out/demo
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench-cpu clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: install
+	$(VENV)/bin/perch generate falcon-tiny --prompt "The list type" --max-new-tokens 12
+	$(VENV)/bin/perch generate falcon-mamba-tiny --prompt "The list type" --max-new-tokens 12
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench-cpu: install
+	$(PY) benchmarks/onnx_cpu.py
+	$(PY) benchmarks/coreml_convert.py
+
+clean:
+	rm -rf out .pytest_cache

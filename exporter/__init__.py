@@ -1,0 +1,1 @@
+"""Exporters: architecture modules (one file each) and backends (one file each)."""

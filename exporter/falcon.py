@@ -1,0 +1,274 @@
+"""Export-ready Falcon: 7B-style multi-query, 40B/Falcon2-style grouped, and multi-head variants as config.
+
+Loads the transformers state dict strictly (same parameter names). Differences from transformers, each
+for export: K,V kept at the true KV-head count (never tiled: 71x smaller for 7B); grouped attention by
+reshaping queries, not repeating K,V; rotary angles precomputed in fp32 (transformers computes them in the
+model dtype: 0.37 logit error at position ~2000 in fp16); an additive mask with a finite floor for fp16.
+
+Two front-ends share one core and differ only in the cache policy:
+- `FalconPastPresent`: explicit past/present tensors with a dynamic past length (ONNX, optimum naming).
+- `FalconStateful`: fixed-size K,V buffers written in place at the position implied by the mask's length
+  (Core ML states; swift-transformers' `inputIds` + `causalMask` contract).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from perch.spec import ModelIO, StateSpec, TensorSpec
+
+# Large enough that exp() underflows to 0, small enough that fp16 (max 65504) adds it to a score safely.
+MASK_MIN = -1.0e4
+
+
+def rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def num_kv_heads(config) -> int:
+    """The true number of K,V heads the checkpoint stores (transformers' sdpa path tiles them)."""
+    if config.new_decoder_architecture:
+        return config.num_kv_heads
+    return 1 if config.multi_query else config.num_attention_heads
+
+
+def split_fused_qkv(fused: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, T, qkv) -> q (B, nh, T, hd), k and v (B, nkv, T, hd).
+
+    Why: Falcon fuses Q,K,V in one projection, interleaved per KV group: for each group, its query heads,
+    then one K head, then one V head (modeling_falcon `_split_heads`). The multi-head layout interleaves
+    q,k,v per head. Query head j belongs to K,V group j // (nh / nkv) in every layout.
+    """
+    b, t, _ = fused.shape
+    nh, hd, nkv = config.num_attention_heads, config.hidden_size // config.num_attention_heads, num_kv_heads(config)
+    if config.new_decoder_architecture or config.multi_query:
+        g = nh // nkv
+        x = fused.view(b, t, nkv, g + 2, hd)
+        q = x[:, :, :, :g].reshape(b, t, nh, hd)
+        k, v = x[:, :, :, g], x[:, :, :, g + 1]  # (B, T, nkv, hd)
+    else:
+        x = fused.view(b, t, nh, 3, hd)
+        q, k, v = x[:, :, :, 0], x[:, :, :, 1], x[:, :, :, 2]
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotary_tables(head_dim: int, max_context: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin tables (max_context, head_dim), the layout transformers' Falcon uses."""
+    # Explicit CPU: the module may be built under a meta-device context, tables must hold real values.
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
+    freqs = torch.arange(max_context, dtype=torch.float64, device="cpu")[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+class FalconMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.ffn_hidden_size, bias=config.bias)
+        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))
+
+
+class FalconAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.nh, self.nkv = config.num_attention_heads, num_kv_heads(config)
+        self.hd = config.hidden_size // self.nh
+        qkv_out = (self.nh + 2 * self.nkv) * self.hd
+        self.query_key_value = nn.Linear(config.hidden_size, qkv_out, bias=config.bias)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.bias)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x (B, T, H) -> rotated q (B, nh, T, hd) and the new k (B, nkv, T, hd), v."""
+        q, k, v = split_fused_qkv(self.query_key_value(x), self.config)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        return q, k, v
+
+    def attend(self, q, k, v, mask: torch.Tensor) -> torch.Tensor:
+        """q (B, nh, T, hd); k, v (B, nkv, S, hd); mask (B, 1, T, S) additive -> (B, T, H)."""
+        b, _, t, hd = q.shape
+        g = self.nh // self.nkv
+        # Fold each group's query heads into the row axis: one matmul per K,V head, no K,V repeat.
+        q = q.reshape(b, self.nkv, g * t, hd) * (hd**-0.5)
+        scores = (q @ k.transpose(-1, -2)).view(b, self.nkv, g, t, -1) + mask.unsqueeze(1)
+        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+        out = probs.view(b, self.nkv, g * t, -1) @ v  # (B, nkv, g*T, hd)
+        out = out.view(b, self.nh, t, hd).transpose(1, 2).reshape(b, t, self.nh * hd)
+        return self.dense(out)
+
+
+class FalconLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        eps = config.layer_norm_epsilon
+        self.two_norms = config.new_decoder_architecture and (config.num_ln_in_parallel_attn or 2) == 2
+        self.parallel = config.new_decoder_architecture or config.parallel_attn
+        self.self_attention = FalconAttention(config)
+        self.mlp = FalconMLP(config)
+        if self.two_norms:
+            self.ln_attn = nn.LayerNorm(config.hidden_size, eps=eps)
+            self.ln_mlp = nn.LayerNorm(config.hidden_size, eps=eps)
+        else:
+            self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=eps)
+        if not self.parallel:
+            self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=eps)
+
+    def attn_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln_attn(x) if self.two_norms else self.input_layernorm(x)
+
+    def finish(self, x: torch.Tensor, attn_in: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Residual + MLP after attention: parallel (7B/40B) or sequential (parallel_attn=False)."""
+        if self.parallel:
+            mlp_in = self.ln_mlp(x) if self.two_norms else attn_in
+            return x + attn_out + self.mlp(mlp_in)
+        x = x + attn_out
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class FalconBody(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.h = nn.ModuleList(FalconLayer(config) for _ in range(config.num_hidden_layers))
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+
+
+class FalconCore(nn.Module):
+    """The weights (transformers names) and the forward, with the cache policy passed in as `cache_fn`."""
+
+    def __init__(self, config, max_context: int):
+        super().__init__()
+        self.config, self.max_context = config, max_context
+        self.transformer = FalconBody(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.init_buffers("meta" if self.lm_head.weight.is_meta else "cpu")
+
+    def init_buffers(self, device: torch.device | str = "cpu") -> None:
+        """Non-persistent rotary tables; rebuilt after loading weights onto a meta-built module."""
+        hd = self.config.hidden_size // self.config.num_attention_heads
+        cos, sin = rotary_tables(hd, self.max_context, rope_theta(self.config))
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+
+    def run(self, input_ids, position_ids, mask, cache_fn, hidden_out: list | None = None) -> torch.Tensor:
+        """input_ids, position_ids (B, T); mask (B, 1, T, S) additive; cache_fn(i, k, v) -> (k_all, v_all)."""
+        x = self.transformer.word_embeddings(input_ids)
+        cos = self.rope_cos[position_ids].unsqueeze(1).to(x.dtype)  # (B, 1, T, hd)
+        sin = self.rope_sin[position_ids].unsqueeze(1).to(x.dtype)
+        mask = mask.to(x.dtype)
+        for i, layer in enumerate(self.transformer.h):
+            attn_in = layer.attn_input(x)
+            q, k, v = layer.self_attention.project(attn_in, cos, sin)
+            k_all, v_all = cache_fn(i, k, v)
+            x = layer.finish(x, attn_in, layer.self_attention.attend(q, k_all, v_all, mask))
+            if hidden_out is not None:
+                hidden_out.append(x)
+        return self.lm_head(self.transformer.ln_f(x)).float()
+
+
+def additive_mask(attention_mask: torch.Tensor, query_len: int) -> torch.Tensor:
+    """(B, S) 0/1 key mask -> (B, 1, T, S) additive causal mask; the T queries are the last T keys."""
+    s = attention_mask.shape[-1]
+    q_pos = torch.arange(s - query_len, s, device=attention_mask.device)[:, None]
+    k_pos = torch.arange(s, device=attention_mask.device)[None, :]
+    allowed = (k_pos <= q_pos)[None] & (attention_mask[:, None, :] > 0)
+    return torch.where(allowed, 0.0, MASK_MIN).unsqueeze(1)
+
+
+class FalconPastPresent(nn.Module):
+    """(input_ids, attention_mask, position_ids, past k0, v0, k1, ...) -> (logits, present k0, v0, ...)."""
+
+    def __init__(self, core: FalconCore):
+        super().__init__()
+        self.core = core
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        mask = additive_mask(attention_mask, input_ids.shape[1])
+        present: list[torch.Tensor] = []
+
+        def cache_fn(i, k, v):
+            k_all = torch.cat([past[2 * i], k], dim=2)
+            v_all = torch.cat([past[2 * i + 1], v], dim=2)
+            present.extend((k_all, v_all))
+            return k_all, v_all
+
+        logits = self.core.run(input_ids, position_ids, mask, cache_fn)
+        return (logits, *present)
+
+
+class FalconStateful(nn.Module):
+    """Fixed-size K,V buffers (layers, B, nkv, max_context, hd) updated in place: Core ML state.
+
+    forward(input_ids (B, T), causal_mask (B, 1, T, end)) -> logits. The T new tokens sit at positions
+    end-T .. end-1, so one graph serves prefill, decode and further chunks.
+    """
+
+    def __init__(self, core: FalconCore, batch_size: int = 1, state_dtype: torch.dtype = torch.float16):
+        super().__init__()
+        self.core = core
+        c = core.config
+        shape = (c.num_hidden_layers, batch_size, num_kv_heads(c), core.max_context, c.hidden_size // c.num_attention_heads)
+        self.register_buffer("keyCache", torch.zeros(shape, dtype=state_dtype))
+        self.register_buffer("valueCache", torch.zeros(shape, dtype=state_dtype))
+
+    def forward(self, input_ids: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
+        t, end = input_ids.shape[1], causal_mask.shape[-1]
+        start = end - t
+        positions = torch.arange(start, end, device=input_ids.device).unsqueeze(0).expand(input_ids.shape[0], t)
+
+        def cache_fn(i, k, v):
+            # Write through the root buffer: a write through a view of it is silently dropped by Core ML.
+            self.keyCache[i : i + 1, :, :, start:end] = k.unsqueeze(0).to(self.keyCache.dtype)
+            self.valueCache[i : i + 1, :, :, start:end] = v.unsqueeze(0).to(self.valueCache.dtype)
+            k_all = self.keyCache[i, :, :, :end].to(k.dtype)
+            v_all = self.valueCache[i, :, :, :end].to(v.dtype)
+            return k_all, v_all
+
+        return self.core.run(input_ids, positions, causal_mask, cache_fn)
+
+
+def io_spec(config, max_context: int, state_dtype: str = "float32") -> ModelIO:
+    """Inputs, outputs and per-layer K,V state of the past/present graph (optimum's naming)."""
+    hd, n = config.hidden_size // config.num_attention_heads, config.num_hidden_layers
+    kv_shape = ("batch", num_kv_heads(config), "context", hd)
+    return ModelIO(
+        arch="falcon",
+        inputs=(
+            TensorSpec("input_ids", ("batch", "sequence"), "int64"),
+            TensorSpec("attention_mask", ("batch", "total_sequence"), "int64"),
+            TensorSpec("position_ids", ("batch", "sequence"), "int64"),
+        ),
+        outputs=(TensorSpec("logits", ("batch", "sequence", config.vocab_size), "float32"),),
+        states=(
+            StateSpec("key", kv_shape, state_dtype, n, "past_key_values.{i}.key", "present.{i}.key", "keyCache"),
+            StateSpec("value", kv_shape, state_dtype, n, "past_key_values.{i}.value", "present.{i}.value", "valueCache"),
+        ),
+    )
+
+
+def build(config, state_dict: dict[str, torch.Tensor], max_context: int, **_options) -> FalconCore:
+    """Build on the meta device and take the checkpoint's tensors as-is (assign=True): never two copies.
+
+    Options of other architectures (a Mamba `scan`) are accepted and ignored, so callers stay generic.
+    """
+    with torch.device("meta"):
+        core = FalconCore(config, max_context)
+    core.load_state_dict(state_dict, strict=True, assign=True)
+    core.init_buffers(next(iter(state_dict.values())).device)
+    return core.eval()
+
+
+# The names every architecture module exposes (see exporter/registry.py).
+PastPresent, Stateful = FalconPastPresent, FalconStateful

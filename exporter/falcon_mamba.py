@@ -1,0 +1,236 @@
+"""Export-ready Falcon-Mamba: conv and SSM state per layer; any number of tokens per call, continuing from state.
+
+Loads the transformers state dict strictly. Unlike transformers (whose multi-token forward restarts the SSM
+from zero when a cache is passed, see FINDINGS), every call here continues from the stored conv and SSM
+state, so a prompt can be fed in chunks. The selective scan has three interchangeable forms:
+- "loop": sequential, the plain definition (eager reference; a traced loop fixes its length, so not for export);
+- "logdepth": Hillis-Steele doubling with `F.pad` shifts, a fixed log2(max_context) rounds (jit.trace, Core ML);
+- "scan": torch's `scan` higher-order op, which exports to an ONNX `Scan` with a dynamic length.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from perch.spec import ModelIO, StateSpec, TensorSpec
+
+SCANS = ("loop", "logdepth", "scan")
+
+
+def a_log_to_a(a_log: torch.Tensor) -> torch.Tensor:
+    """Mamba stores log(-A) so A stays negative (a decaying state) under training: A = -exp(A_log)."""
+    return -torch.exp(a_log.float())
+
+
+def weightless_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Falcon-Mamba's extra norms on dt, B and C have no weight (modeling_falcon_mamba, in fp32)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def scan_loop(da: torch.Tensor, dbu: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """h_t = da_t * h_{t-1} + dbu_t. da, dbu (B, D, T, N); h0 (B, D, N) -> all states (B, D, T, N)."""
+    states, h = [], h0
+    for t in range(da.shape[2]):
+        h = da[:, :, t] * h + dbu[:, :, t]
+        states.append(h)
+    return torch.stack(states, dim=2)
+
+
+def scan_logdepth(da: torch.Tensor, dbu: torch.Tensor, h0: torch.Tensor, rounds: int) -> torch.Tensor:
+    """The same recurrence in `rounds` doubling steps (enough for T <= 2**rounds), with no data-dependent loop.
+
+    Each round composes every element with the one `s` steps earlier; `F.pad` supplies the identity (a=1,
+    b=0) past the start without baking constants into the weights (a `torch.cat` of ones would).
+    """
+    a, b = da, dbu
+    for r in range(rounds):
+        s = 2**r
+        a_prev = F.pad(a, (0, 0, s, 0), value=1.0)[:, :, : a.shape[2]]
+        b_prev = F.pad(b, (0, 0, s, 0), value=0.0)[:, :, : b.shape[2]]
+        a, b = a * a_prev, a * b_prev + b
+    return a * h0.unsqueeze(2) + b
+
+
+def _scan_step(h: torch.Tensor, x: tuple[torch.Tensor, torch.Tensor]):
+    da, dbu = x
+    h = da * h + dbu
+    return h, h.clone()
+
+
+def scan_hop(da: torch.Tensor, dbu: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    from torch._higher_order_ops.scan import scan
+
+    _, states = scan(_scan_step, h0, (da, dbu), dim=2)
+    return states
+
+
+class MambaMixer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        d, self.n, self.k = config.intermediate_size, config.state_size, config.conv_kernel
+        self.rank, self.eps = int(config.time_step_rank), config.mixer_rms_eps
+        self.in_proj = nn.Linear(config.hidden_size, 2 * d, bias=config.use_bias)
+        self.conv1d = nn.Conv1d(d, d, self.k, groups=d, bias=config.use_conv_bias, padding=self.k - 1)
+        self.x_proj = nn.Linear(d, self.rank + 2 * self.n, bias=False)
+        self.dt_proj = nn.Linear(self.rank, d, bias=True)
+        self.A_log = nn.Parameter(torch.empty(d, self.n))
+        self.D = nn.Parameter(torch.empty(d))
+        self.out_proj = nn.Linear(d, config.hidden_size, bias=config.use_bias)
+
+    def conv(self, x: torch.Tensor, conv_state: torch.Tensor):
+        """x (B, D, T) continues after conv_state (B, D, K): the last K inputs. Returns (y, new state)."""
+        full = torch.cat([conv_state[:, :, 1:].to(x.dtype), x], dim=2)  # (B, D, K-1+T)
+        y = F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=x.shape[1])
+        return F.silu(y), full[:, :, -self.k :]
+
+    def forward(self, x, mask, conv_state, ssm_state, scan: str, rounds: int):
+        """x (B, T, H); mask (B, T) 1/0 (left padding) or None -> (out, conv_state, ssm_state)."""
+        if mask is not None:  # padded positions feed zeros, as transformers does
+            x = x * mask.unsqueeze(-1).to(x.dtype)
+        u, gate = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (B, D, T) each
+        u, conv_state = self.conv(u, conv_state)
+        u = u.transpose(1, 2)  # (B, T, D)
+        if mask is not None:
+            u = u * mask.unsqueeze(-1).to(u.dtype)
+        dt, b, c = torch.split(self.x_proj(u), [self.rank, self.n, self.n], dim=-1)
+        dt = F.softplus(self.dt_proj(weightless_rms(dt, self.eps)).float())  # (B, T, D)
+        b, c = weightless_rms(b, self.eps).float(), weightless_rms(c, self.eps).float()
+        uf = u.float()
+        da = torch.exp(a_log_to_a(self.A_log)[None, :, None, :] * dt.transpose(1, 2)[..., None])  # (B, D, T, N)
+        dbu = (dt * uf).transpose(1, 2)[..., None] * b[:, None, :, :]  # (B, D, T, N)
+        h0 = ssm_state.float()
+        if scan == "loop":
+            hs = scan_loop(da, dbu, h0)
+        elif scan == "logdepth":
+            hs = scan_logdepth(da, dbu, h0, rounds)
+        else:
+            hs = scan_hop(da, dbu, h0)
+        y = (hs * c[:, None, :, :]).sum(-1)  # (B, D, T): C_t . h_t
+        y = y + uf.transpose(1, 2) * self.D.float()[None, :, None]
+        y = y * F.silu(gate.float())
+        out = self.out_proj(y.transpose(1, 2).to(x.dtype))
+        return out, conv_state, hs[:, :, -1]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(size)), eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class MambaBlock(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.mixer = MambaMixer(config)
+
+
+class MambaBody(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(MambaBlock(config) for _ in range(config.num_hidden_layers))
+        self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+
+
+class FalconMambaCore(nn.Module):
+    """Weights under transformers' names; `run` is functional over per-layer (conv, ssm) states."""
+
+    def __init__(self, config, max_context: int, scan: str = "loop"):
+        super().__init__()
+        if scan not in SCANS:
+            raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
+        self.config, self.max_context, self.scan = config, max_context, scan
+        self.rounds = max(1, math.ceil(math.log2(max_context)))
+        self.backbone = MambaBody(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def init_buffers(self, device: torch.device | str = "cpu") -> None:
+        """No non-persistent buffers: the weightless norms need none. Kept for a uniform build()."""
+
+    def run(self, input_ids, mask, conv_states, ssm_states, hidden_out: list | None = None):
+        """input_ids (B, T); mask (B, T) or None; states: per-layer lists -> (logits, conv list, ssm list)."""
+        x = self.backbone.embeddings(input_ids)
+        new_conv, new_ssm = [], []
+        for i, block in enumerate(self.backbone.layers):
+            out, cs, ss = block.mixer(block.norm(x), mask, conv_states[i], ssm_states[i], self.scan, self.rounds)
+            x = x + out
+            new_conv.append(cs)
+            new_ssm.append(ss)
+            if hidden_out is not None:
+                hidden_out.append(x)
+        logits = self.lm_head(self.backbone.norm_f(x)).float()
+        return logits, new_conv, new_ssm
+
+
+class FalconMambaPastPresent(nn.Module):
+    """(input_ids, attention_mask, past conv0, ssm0, conv1, ...) -> (logits, present conv0, ssm0, ...)."""
+
+    def __init__(self, core: FalconMambaCore):
+        super().__init__()
+        self.core = core
+
+    def forward(self, input_ids, attention_mask, *past):
+        logits, conv, ssm = self.core.run(input_ids, attention_mask, past[0::2], past[1::2])
+        present = [t for pair in zip(conv, [s.to(past[1].dtype) for s in ssm]) for t in pair]
+        return (logits, *present)
+
+
+class FalconMambaStateful(nn.Module):
+    """Layer-stacked state buffers updated in place: Core ML states `convState` and `ssmState`."""
+
+    def __init__(self, core: FalconMambaCore, batch_size: int = 1, state_dtype: torch.dtype = torch.float16):
+        super().__init__()
+        self.core = core
+        c = core.config
+        n, d = c.num_hidden_layers, c.intermediate_size
+        self.register_buffer("convState", torch.zeros(n, batch_size, d, c.conv_kernel, dtype=state_dtype))
+        self.register_buffer("ssmState", torch.zeros(n, batch_size, d, c.state_size, dtype=state_dtype))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        n = self.core.config.num_hidden_layers
+        conv = [self.convState[i] for i in range(n)]
+        ssm = [self.ssmState[i] for i in range(n)]
+        logits, new_conv, new_ssm = self.core.run(input_ids, None, conv, ssm)
+        for i in range(n):  # write through the root buffer (a write through a view is dropped by Core ML)
+            self.convState[i : i + 1] = new_conv[i].unsqueeze(0).to(self.convState.dtype)
+            self.ssmState[i : i + 1] = new_ssm[i].unsqueeze(0).to(self.ssmState.dtype)
+        return logits
+
+
+def io_spec(config, max_context: int, state_dtype: str = "float32") -> ModelIO:
+    n, d = config.num_hidden_layers, config.intermediate_size
+    return ModelIO(
+        arch="falcon_mamba",
+        inputs=(
+            TensorSpec("input_ids", ("batch", "sequence"), "int64"),
+            TensorSpec("attention_mask", ("batch", "sequence"), "int64"),
+        ),
+        outputs=(TensorSpec("logits", ("batch", "sequence", config.vocab_size), "float32"),),
+        states=(
+            StateSpec("conv", ("batch", d, config.conv_kernel), state_dtype, n,
+                      "past_conv_state.{i}", "present_conv_state.{i}", "convState"),
+            StateSpec("ssm", ("batch", d, config.state_size), state_dtype, n,
+                      "past_ssm_state.{i}", "present_ssm_state.{i}", "ssmState"),
+        ),
+    )
+
+
+def build(config, state_dict: dict[str, torch.Tensor], max_context: int, scan: str = "loop") -> FalconMambaCore:
+    """Build on the meta device and take the checkpoint's tensors as-is (assign=True): never two copies."""
+    with torch.device("meta"):
+        core = FalconMambaCore(config, max_context, scan)
+    core.load_state_dict(state_dict, strict=True, assign=True)
+    return core.eval()
+
+
+# The names every architecture module exposes (see exporter/registry.py).
+PastPresent, Stateful = FalconMambaPastPresent, FalconMambaStateful

@@ -1,0 +1,21 @@
+"""Runtimes: run a model or an exported artifact behind one step API. Never imports `exporter`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from perch.errors import PerchError
+from perch.spec import Manifest
+
+
+def open_artifact(path: str | Path, *, device: str = "cpu", **options):
+    """A Runtime for a directory written by `perch export`, chosen by its manifest's format."""
+    manifest = Manifest.load(path)
+    if manifest.format == "onnx":
+        from runtimes.onnxrt import OnnxRuntime
+
+        return OnnxRuntime(path, device=device, **options)
+    if manifest.format == "coreml":
+        from runtimes.coreml import CoreMLRuntime
+
+        return CoreMLRuntime(path, **options)
+    raise PerchError(f"{path}: manifest format {manifest.format!r} is not one Perch runs (onnx, coreml)")

@@ -1,0 +1,118 @@
+"""The step API shared by every runtime: reset, prefill (continues from state), step, state.
+
+The base class owns the bookkeeping every backend needs the same way: the running attention mask (for
+left padding), per-row positions, the context limit, and input checks. A backend implements `_forward`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from perch.errors import PerchError
+from perch.spec import ModelIO
+
+
+class Runtime(ABC):
+    """One model, one batch of sequences, state kept between calls.
+
+    prefill(ids, mask) -> logits (B, T, V) float32, continuing from the stored state;
+    step(ids) -> logits (B, V) for one new token per row; state() -> {"key.0": array, ...}.
+    """
+
+    io: ModelIO
+    vocab_size: int
+    max_context: int
+    name: str = "runtime"
+
+    def reset(self, batch_size: int = 1) -> None:
+        self.batch_size = batch_size
+        self.mask = np.zeros((batch_size, 0), dtype=np.int64)  # 1 = real token, 0 = left pad
+        self._reset(batch_size)
+
+    @property
+    def position(self) -> int:
+        """Tokens stored so far per row (pads included): where the next token is written."""
+        return self.mask.shape[1]
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        ids = self._check_ids(input_ids)
+        b, t = ids.shape
+        if attention_mask is None:
+            attention_mask = np.ones((b, t), dtype=np.int64)
+        attention_mask = np.asarray(attention_mask, dtype=np.int64)
+        if attention_mask.shape != (b, t):
+            raise PerchError(f"attention_mask has shape {attention_mask.shape}, expected {(b, t)} like input_ids")
+        if self.position + t > self.max_context:
+            raise PerchError(
+                f"context of {self.position + t} tokens exceeds this model's max context {self.max_context}; "
+                "shorten the prompt or export with a larger --max-context"
+            )
+        self.mask = np.concatenate([self.mask, attention_mask], axis=1)
+        # Left-padded rows count positions from their first real token, as transformers does.
+        positions = np.clip(np.cumsum(self.mask, axis=1) - 1, 0, None)[:, -t:]
+        logits = self._forward(ids, self.mask, positions)
+        return np.asarray(logits, dtype=np.float32)
+
+    def step(self, token_ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1, 1)
+        return self.prefill(ids)[:, -1]
+
+    def _check_ids(self, input_ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(input_ids)
+        if ids.dtype.kind not in "iu":
+            raise PerchError(f"input_ids must be integers, got {ids.dtype}")
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise PerchError(f"input_ids must have shape (batch, tokens>=1), got {ids.shape}")
+        if not hasattr(self, "mask"):
+            self.reset(ids.shape[0])
+        if ids.shape[0] != self.batch_size:
+            raise PerchError(f"batch of {ids.shape[0]} rows after reset({self.batch_size}); call reset() first")
+        bad = (ids < 0) | (ids >= self.vocab_size)
+        if bad.any():
+            raise PerchError(f"token id {int(ids[bad][0])} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return ids.astype(np.int64)
+
+    @abstractmethod
+    def _reset(self, batch_size: int) -> None:
+        """Clear the state for a new batch."""
+
+    @abstractmethod
+    def _forward(self, input_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Run T new tokens. mask: (B, past+T) over everything stored; positions: (B, T) rotary positions."""
+
+    @abstractmethod
+    def state(self) -> dict[str, np.ndarray]:
+        """The stored state as float32 arrays named like `ModelIO.state_layer_names()`."""
+
+    def close(self) -> None:
+        """Release device memory or sessions; the default has nothing to release."""
+
+
+def model_inputs(io: ModelIO, input_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
+    """Feeds for a past/present graph, by the names and axes its ModelIO declares.
+
+    `mask` covers everything stored (B, past+T); an input whose second axis is "total_sequence" takes it
+    whole, one over "sequence" takes the last T columns (Falcon-Mamba masks only the new tokens).
+    """
+    t = input_ids.shape[1]
+    feeds: dict[str, np.ndarray] = {}
+    for spec in io.inputs:
+        if spec.name == "input_ids":
+            feeds[spec.name] = input_ids
+        elif spec.name == "attention_mask":
+            feeds[spec.name] = mask if spec.shape[1] == "total_sequence" else mask[:, -t:]
+        elif spec.name == "position_ids":
+            feeds[spec.name] = positions
+        else:
+            raise PerchError(f"graph input {spec.name!r} is not one Perch knows how to feed; re-export with this Perch")
+    return {s.name: np.ascontiguousarray(feeds[s.name], dtype=np.dtype(s.dtype)) for s in io.inputs}
+
+
+def empty_state(io: ModelIO, batch_size: int) -> dict[str, np.ndarray]:
+    """Per-layer state before the first token: zero-length caches, zero conv/SSM states."""
+    out = {}
+    for i in range(io.states[0].num_layers):
+        for s in io.states:
+            out[f"{s.kind}.{i}"] = np.zeros(s.concrete_shape(batch_size, 0), dtype=np.dtype(s.dtype))
+    return out

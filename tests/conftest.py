@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny presets materialised once per cache (PERCH_CACHE, default .cache/perch in the repo)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PERCH_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "perch"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY_PRESETS = ("falcon-tiny", "falcon40b-tiny", "falcon-mamba-tiny")
+
+
+@pytest.fixture(scope="session")
+def load_preset():
+    """name -> Checkpoint, loaded through the real loader from the preset's save_pretrained directory."""
+    from perch.loading import load_checkpoint
+    from perch.presets import preset_dir
+
+    cache = {}
+
+    def load(name: str):
+        if name not in cache:
+            cache[name] = load_checkpoint(preset_dir(name))
+        return cache[name]
+
+    return load

@@ -1,0 +1,1 @@
+"""Validation: metrics, the check runner and reports."""

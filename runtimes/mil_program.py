@@ -1,0 +1,199 @@
+"""Load a saved `.mlpackage` into a MIL program on any OS, with its declared inputs, outputs and states.
+
+Apple's Core ML runtime is macOS-only, but coremltools' milproto loader reads the package's
+`Data/com.apple.CoreML/model.mlmodel` spec and its `weights/` blobs back into a pymil `Program` on
+Linux. `MilExecutor` (runtimes/mil_executor.py) runs that program; this module only loads and
+describes it, turning every malformed package into a `PerchError` that names the fix.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from perch.errors import PerchError
+
+SPEC_PATH = Path("Data/com.apple.CoreML/model.mlmodel")
+WEIGHTS_DIR = Path("Data/com.apple.CoreML/weights")
+
+
+@dataclass(frozen=True)
+class MilTensor:
+    """A declared function input or state.
+
+    `shape` is the default shape; `bounds[i]` is (lower, upper) for axis i (upper None = unbounded);
+    `enumerated` lists the allowed shapes when the input uses enumerated shapes instead of ranges.
+    """
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    bounds: tuple[tuple[int, int | None], ...]
+    enumerated: tuple[tuple[int, ...], ...] = ()
+
+    def accepts(self, shape: tuple[int, ...]) -> bool:
+        """Whether an array of `shape` fits this declaration (rank, fixed sizes, ranges)."""
+        if self.enumerated:
+            return tuple(shape) in self.enumerated
+        if len(shape) != len(self.bounds):
+            return False
+        return all(lo <= n and (hi is None or n <= hi) for n, (lo, hi) in zip(shape, self.bounds))
+
+    def describe(self) -> str:
+        if self.enumerated:
+            return " or ".join(str(s) for s in self.enumerated)
+        dims = [str(lo) if lo == hi else f"{lo}..{'' if hi is None else hi}" for lo, hi in self.bounds]
+        return f"({', '.join(dims)})"
+
+
+def _proto_blob_files(program_proto: Any) -> set[str]:
+    """Every weight file a MIL program proto references (const values stored in blobs)."""
+    names: set[str] = set()
+
+    def value(v: Any) -> None:
+        if v.WhichOneof("value") == "blobFileValue":
+            names.add(v.blobFileValue.fileName.split("/")[-1])
+
+    def block(b: Any) -> None:
+        for op in b.operations:
+            for v in op.attributes.values():
+                value(v)
+            for arg in op.inputs.values():
+                for binding in arg.arguments:
+                    if binding.WhichOneof("binding") == "value":
+                        value(binding.value)
+            for nested in op.blocks:
+                block(nested)
+
+    for fn in program_proto.functions.values():
+        for b in fn.block_specializations.values():
+            block(b)
+    return names
+
+
+def _read_spec(package: Path) -> Any:
+    from coremltools import proto
+
+    spec = proto.Model_pb2.Model()
+    try:
+        spec.ParseFromString((package / SPEC_PATH).read_bytes())
+    except Exception as e:  # protobuf raises its own DecodeError
+        raise PerchError(f"{package}: {SPEC_PATH} is not a readable Core ML spec ({e}); re-export the model") from e
+    return spec
+
+
+def _check_package(path: str | os.PathLike) -> Path:
+    package = Path(path)
+    if not package.is_dir() or not (package / SPEC_PATH).is_file():
+        what = "does not exist" if not package.exists() else "is not a .mlpackage directory"
+        raise PerchError(
+            f"{package} {what} (expected {SPEC_PATH} inside); pass a Core ML package saved with "
+            "MLModel.save('model.mlpackage') (convert_to='mlprogram')"
+        )
+    return package
+
+
+def _tensor_from_feature(name: str, dtype: np.dtype, feature: Any | None, rank_shape: tuple) -> MilTensor:
+    """Bounds from the model description's multiArrayType; fall back to the MIL var's shape."""
+    if feature is None or feature.type.WhichOneof("Type") != "multiArrayType":
+        shape = tuple(int(s) if isinstance(s, (int, np.integer)) else 1 for s in rank_shape)
+        bounds = tuple((n, n) if isinstance(s, (int, np.integer)) else (1, None) for n, s in zip(shape, rank_shape))
+        return MilTensor(name, dtype, shape, bounds)
+    arr = feature.type.multiArrayType
+    shape = tuple(int(s) for s in arr.shape)
+    flex = arr.WhichOneof("ShapeFlexibility")
+    if flex == "shapeRange":
+        bounds = tuple((int(r.lowerBound), None if r.upperBound < 0 else int(r.upperBound))
+                       for r in arr.shapeRange.sizeRanges)
+        return MilTensor(name, dtype, shape, bounds)
+    if flex == "enumeratedShapes":
+        shapes = tuple(tuple(int(s) for s in e.shape) for e in arr.enumeratedShapes.shapes)
+        return MilTensor(name, dtype, shape, tuple((n, n) for n in shape), shapes)
+    return MilTensor(name, dtype, shape, tuple((n, n) for n in shape))
+
+
+class MilProgram:
+    """A loaded `.mlpackage`: its spec, its pymil `Program`, and per-function declarations."""
+
+    def __init__(self, path: Path, spec: Any, program: Any) -> None:
+        self.path = path
+        self.spec = spec
+        self.program = program
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> MilProgram:
+        """Read `path` (a `.mlpackage` directory) with coremltools' milproto loader."""
+        from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
+
+        package = _check_package(path)
+        spec = _read_spec(package)
+        kind = spec.WhichOneof("Type")
+        if kind != "mlProgram":
+            raise PerchError(
+                f"{package} holds a '{kind}' Core ML model, not an ML program; Perch's executor runs only "
+                "ML programs: re-convert with ct.convert(..., convert_to='mlprogram')"
+            )
+        weights = package / WEIGHTS_DIR
+        missing = sorted(n for n in _proto_blob_files(spec.mlProgram) if not (weights / n).is_file())
+        if missing:
+            raise PerchError(
+                f"{package}: weights file(s) {', '.join(missing)} referenced by the program are missing from "
+                f"{WEIGHTS_DIR}; the package is incomplete, copy or re-save the whole .mlpackage"
+            )
+        try:
+            program = load_milproto(spec, spec.specificationVersion, file_weights_dir=str(weights))
+        except (ValueError, KeyError, TypeError, NotImplementedError, AssertionError, RuntimeError) as e:
+            raise PerchError(f"{package}: coremltools could not load the ML program ({type(e).__name__}: {e})") from e
+        return cls(package, spec, program)
+
+    @property
+    def function_names(self) -> list[str]:
+        """Names of the package's functions (one, "main", unless it is a multifunction package)."""
+        return list(self.program.functions)
+
+    @property
+    def default_function(self) -> str:
+        return self.spec.description.defaultFunctionName or "main"
+
+    def function(self, name: str) -> Any:
+        """The pymil `Function` called `name`."""
+        if name not in self.program.functions:
+            raise PerchError(
+                f"{self.path} has no function '{name}'; its functions are: {', '.join(self.function_names)}"
+            )
+        return self.program.functions[name]
+
+    def _description(self, name: str) -> Any:
+        for fd in self.spec.description.functions:
+            if fd.name == name:
+                return fd
+        return self.spec.description
+
+    def inputs(self, name: str) -> tuple[MilTensor, ...]:
+        """Declared tensor inputs of function `name`, with their flexible-shape bounds."""
+        from coremltools.converters.mil.mil import types
+
+        features = {f.name: f for f in self._description(name).input}
+        out = []
+        for var_name, var in self.function(name).inputs.items():
+            if types.is_state(var.sym_type):
+                continue
+            dtype = np.dtype(types.nptype_from_builtin(var.dtype))
+            out.append(_tensor_from_feature(var_name, dtype, features.get(var_name), tuple(var.shape)))
+        return tuple(out)
+
+    def states(self, name: str) -> tuple[MilTensor, ...]:
+        """Declared states of function `name` (Core ML states are fp16 tensors of fixed shape)."""
+        from coremltools.converters.mil.mil import types
+
+        out = []
+        for var_name, var in self.function(name).inputs.items():
+            if types.is_state(var.sym_type):
+                wrapped = var.sym_type.wrapped_type()
+                shape = tuple(int(s) for s in wrapped.get_shape())
+                dtype = np.dtype(types.nptype_from_builtin(wrapped.get_primitive()))
+                out.append(MilTensor(var_name, dtype, shape, tuple((n, n) for n in shape)))
+        return tuple(out)

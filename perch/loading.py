@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,13 +19,13 @@ import torch
 from safetensors import safe_open
 
 from perch.archs import SUPPORTED, detect_arch
+from perch.bnb import _dequantize_bnb
 from perch.errors import PerchError
 
 SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
 PICKLE = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 _LEGACY_FALCON_KEYS = {"n_embed": "hidden_size", "n_head": "num_attention_heads", "n_head_kv": "num_kv_heads",
                        "n_layer": "num_hidden_layers"}
-_BNB_STATE = ".quant_state.bitsandbytes__"
 
 
 # ---------------------------------------------------------------- where the model is
@@ -209,184 +207,6 @@ def load_state_dict(model_dir: str | Path, *, allow_pickle: bool = False, dtype:
     return _read_weights(model_dir, config or load_config(model_dir), allow_pickle, dtype)[0]
 
 
-# ---------------------------------------------------------------- bitsandbytes
-def _dequantize_bnb(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> str | None:
-    """Replace bnb-serialized weights in `sd` by dense `dtype` ones (None: as saved, int8 to float32).
-
-    Returns the quantization found: "nf4", "fp4", "int8" ("+"-joined if mixed), or None.
-    """
-    kinds = set()
-    for key in [k for k in sd if _BNB_STATE in k]:
-        weight, _, quant_type = key.rpartition(_BNB_STATE)
-        sd[weight] = _guard(weight, _dequant_4bit, sd, weight, quant_type, dtype)
-        kinds.add(quant_type)
-    for key in [k for k in sd if k.endswith(".SCB")]:
-        module = key[: -len(".SCB")]
-        sd[module + ".weight"] = _guard(module + ".weight", _dequant_int8, sd, module, dtype)
-        kinds.add("int8")
-    return "+".join(sorted(kinds)) or None
-
-
-def _guard(name: str, fn, *args):
-    try:
-        return fn(*args)
-    except (KeyError, RuntimeError, ValueError, IndexError) as e:
-        raise PerchError(f"cannot dequantize bitsandbytes weight {name}: {e!r}; the checkpoint's quant state is "
-                         "incomplete or corrupt: re-save it") from e
-
-
-def _dequant_4bit(sd: dict, weight: str, quant_type: str, dtype: torch.dtype | None) -> torch.Tensor:
-    # Layouts from bitsandbytes' QuantState.as_dict(packed=True) and backends/default/ops.py:
-    # two 4-bit codes per byte, high nibble first; value = quant_map[code] * absmax[block].
-    meta = json.loads(bytes(sd.pop(weight + _BNB_STATE + quant_type).tolist()).decode())
-    packed, absmax = sd.pop(weight), sd.pop(weight + ".absmax")
-    code = sd.pop(weight + ".quant_map").float()
-    if weight + ".nested_absmax" in sd:
-        # Double quant: the fp32 absmax values are themselves 8-bit blockwise-quantized, around an offset.
-        nested, nested_code = sd.pop(weight + ".nested_absmax").float(), sd.pop(weight + ".nested_quant_map").float()
-        absmax = nested_code.index_select(0, absmax.reshape(-1).int())
-        absmax = _scale_blocks(absmax, nested, meta["nested_blocksize"]) + meta["nested_offset"]
-    if code.numel() != 16:
-        raise ValueError(f"a 4-bit quant_map has 16 entries, not {code.numel()}")
-    # One lookup per byte into a 256-entry table of (high, low) value pairs, each pair read as one float64:
-    # 5x faster on CPU than a gather per nibble (1.3 s vs 6.5 s for a 4544x18176 weight on one core).
-    pairs = torch.stack((code.repeat_interleave(16), code.repeat(16)), dim=1).contiguous().view(torch.float64)
-    codes = packed.contiguous().view(torch.uint8).reshape(-1)  # quant_storage may be any dtype: bytes count
-    values = pairs.reshape(-1).index_select(0, codes.int()).view(torch.float32)[: math.prod(meta["shape"])]
-    dense = _scale_blocks(values, absmax.float(), meta["blocksize"]).reshape(meta["shape"])
-    return dense.to(dtype or getattr(torch, meta["dtype"]))
-
-
-def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """values[i] * absmax[i // blocksize]; the last block may be partial."""
-    n, blocks = values.numel(), absmax.numel()
-    if blocks != -(-n // blocksize):
-        raise ValueError(f"{blocks} absmax values for {n} elements in blocks of {blocksize}")
-    if n % blocksize:
-        values = torch.nn.functional.pad(values, (0, blocks * blocksize - n))
-    return (values.view(blocks, blocksize) * absmax.view(-1, 1)).reshape(-1)[:n]
-
-
-def _dequant_int8(sd: dict, module: str, dtype: torch.dtype | None) -> torch.Tensor:
-    weight, scb = sd.pop(module + ".weight"), sd.pop(module + ".SCB")
-    fmt = sd.pop(module + ".weight_format", None)
-    if fmt is not None and int(fmt) != 0:
-        raise ValueError(f"weight_format {int(fmt)} is a GPU tile layout of old bitsandbytes, not row-major")
-    # LLM.int8 row-wise absmax: w = q * SCB / 127 (bitsandbytes _ops.py, int8_vectorwise_dequant).
-    return (weight.float() * scb.float().view(-1, 1) * 7.874015718698502e-3).to(dtype or torch.float32)
-
-
-# ---------------------------------------------------------------- LoRA
-# Adapter features that change the model beyond W += scale * B @ A: merging them here would be wrong.
-_LORA_REJECT = ("use_dora", "layer_replication", "alora_invocation_tokens", "target_parameters",
-                "trainable_token_indices", "use_qalora", "use_bdlora", "arrow_config")
-_LORA_KEY = re.compile(r"^(?P<mod>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|"
-                       r"lora_embedding_B|base_layer\.bias|base_layer\.weight)$")
-
-
-def _adapter_config(adapter_dir: Path) -> dict:
-    path = adapter_dir / "adapter_config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PerchError(f"{path} not found: pass the directory PEFT's save_pretrained wrote") from None
-    except (OSError, ValueError) as e:
-        raise PerchError(f"{path} is unreadable or not valid JSON ({e})") from e
-    if cfg.get("peft_type") != "LORA":
-        raise PerchError(f"adapter {adapter_dir}: PEFT type {cfg.get('peft_type')!r} is not supported, only LoRA; "
-                         "merge it with peft's merge_and_unload(), save, and export the merged model")
-    bad = [k for k in _LORA_REJECT if cfg.get(k)]
-    if bad:
-        raise PerchError(f"adapter {adapter_dir}: {', '.join(bad)} is not supported (DoRA and LoRA variants do "
-                         "not merge as W += s*B@A); merge with peft's merge_and_unload() and export that model")
-    return cfg
-
-
-def _adapter_tensors(adapter_dir: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    for name, fmt in (("adapter_model.safetensors", "safetensors"), ("adapter_model.bin", "pickle")):
-        if (adapter_dir / name).is_file():
-            if fmt == "pickle" and not allow_pickle:
-                raise PerchError(f"{adapter_dir / name} is a pickle file; pass --allow-pickle if you trust it")
-            sd = _read_file(adapter_dir / name, fmt)
-            return {k.removeprefix("base_model.model."): v for k, v in sd.items()}
-    raise PerchError(f"no adapter_model.safetensors in {adapter_dir}")
-
-
-def _lora_scale(cfg: dict, module: str, rank: int) -> float:
-    def pattern(patterns: dict, default):  # peft's get_pattern_key: the first key matching the name's tail
-        key = next((k for k in patterns or {} if re.match(rf"(.*\.)?({k})$", module)), None)
-        return default if key is None else patterns[key]
-
-    r, alpha = pattern(cfg.get("rank_pattern"), cfg["r"]), pattern(cfg.get("alpha_pattern"), cfg["lora_alpha"])
-    if r != rank:
-        raise PerchError(f"adapter module {module}: adapter_config says r={r} but lora_A has rank {rank}")
-    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-
-
-def merge_adapter(state_dict: dict[str, torch.Tensor], adapter_dir: str | Path, config, *,
-                  allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """`state_dict` with a PEFT LoRA adapter merged in (W += scale * B @ A), as peft's merge_and_unload does.
-
-    fan_in_fan_out is ignored as peft ignores it for nn.Linear (every Falcon/Falcon-Mamba target); embedding
-    LoRA merges transposed. Bias and modules_to_save tensors replace the base ones.
-    """
-    adapter_dir = Path(adapter_dir)
-    cfg, tensors = _adapter_config(adapter_dir), _adapter_tensors(adapter_dir, allow_pickle)
-    entry, sd = _arch_entry(config), dict(state_dict)
-    tied = bool(getattr(config, "tie_word_embeddings", False)) and entry is not None
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        m = _LORA_KEY.match(key)
-        mod, part = (m["mod"], m["part"]) if m else key.rpartition(".")[::2]
-        if "lora_" in key and not m:
-            raise PerchError(f"adapter tensor {key} is not a plain LoRA weight (DoRA or another variant?)")
-        groups.setdefault(mod, {})[part.removeprefix("base_layer.")] = value
-    for mod, parts in groups.items():
-        _merge_module(sd, mod, parts, cfg, entry, tied)
-    if tied:
-        sd["lm_head.weight"] = sd[entry["embedding"]]
-    return sd
-
-
-def _target(sd: dict, mod: str, suffix: str, entry: dict | None, tied: bool) -> str:
-    key = f"{mod}.{suffix}"
-    if tied and key == "lm_head.weight":
-        return entry["embedding"]  # one tensor: peft merges into the shared parameter
-    for cand in (key, f"{entry['prefix']}.{key}" if entry else key):
-        if cand in sd:
-            return cand
-    raise PerchError(f"adapter targets {key}, which this model does not have: the adapter was trained "
-                     "for another base model")
-
-
-def _merge_module(sd: dict, mod: str, parts: dict, cfg: dict, entry: dict | None, tied: bool) -> None:
-    a, b = parts.pop("lora_A.weight", parts.pop("lora_embedding_A", None)), parts.pop("lora_B.weight", None)
-    emb_b, lora_bias = parts.pop("lora_embedding_B", None), parts.pop("lora_B.bias", None)
-    b = b if b is not None else emb_b
-    for suffix, value in parts.items():  # bias / modules_to_save tensors replace the base ones
-        key = _target(sd, mod, suffix, entry, tied)
-        _same_shape(key, sd[key], value)
-        sd[key] = value.to(sd[key].dtype)
-    if a is None and b is None:
-        return
-    if a is None or b is None:
-        raise PerchError(f"adapter module {mod} has only one of lora_A / lora_B; the adapter file is incomplete")
-    key, scale = _target(sd, mod, "weight", entry, tied), _lora_scale(cfg, mod, a.shape[0])
-    delta = b.float() @ a.float() * scale
-    delta = delta.T if emb_b is not None else delta  # peft's Embedding LoRA stores A (r, vocab), B (dim, r)
-    _same_shape(key, sd[key], delta)
-    sd[key] = (sd[key].float() + delta).to(sd[key].dtype)
-    if lora_bias is not None:
-        bias = _target(sd, mod, "bias", entry, tied)
-        sd[bias] = (sd[bias].float() + lora_bias.float() * scale).to(sd[bias].dtype)
-
-
-def _same_shape(key: str, base: torch.Tensor, update: torch.Tensor) -> None:
-    if base.shape != update.shape:
-        raise PerchError(f"adapter update for {key} has shape {tuple(update.shape)} but the model's is "
-                         f"{tuple(base.shape)}: the adapter was trained for another base model")
-
-
 # ---------------------------------------------------------------- the transformers model
 def build_hf_model(config, state_dict: dict[str, torch.Tensor], *, device: str | torch.device = "cpu",
                    dtype: torch.dtype | None = torch.float32):
@@ -480,6 +300,8 @@ def load_checkpoint(model: str | Path, *, allow_pickle: bool = False, adapter: s
         config = _plain_config(config)
     adapter_dir = resolve_model_dir(adapter) if adapter is not None else None
     if adapter_dir is not None:
+        from perch.lora import merge_adapter  # lora builds on this module's readers
+
         state_dict = merge_adapter(state_dict, adapter_dir, config, allow_pickle=allow_pickle)
     source = {"model": str(model), "path": str(model_dir), **info,
               "adapter": str(adapter_dir) if adapter_dir else None,

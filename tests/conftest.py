@@ -26,3 +26,16 @@ def load_preset():
         return cache[name]
 
     return load
+
+
+@pytest.fixture(scope="session")
+def saved(tmp_path_factory):
+    """name -> (model, directory it was saved to with save_pretrained), for every tiny model in TINY."""
+    from tests.tiny_models import TINY, make_model
+
+    root, out = tmp_path_factory.mktemp("models"), {}
+    for name in TINY:
+        model = make_model(name)
+        model.save_pretrained(root / name)
+        out[name] = (model, root / name)
+    return out

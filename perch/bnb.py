@@ -1,0 +1,78 @@
+"""bitsandbytes 4-bit (nf4/fp4, double quant) and 8-bit checkpoints, dequantized in pure torch from the
+serialized quant state, so exporting never needs bitsandbytes installed."""
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from perch.errors import PerchError
+
+_BNB_STATE = ".quant_state.bitsandbytes__"
+
+
+def _dequantize_bnb(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> str | None:
+    """Replace bnb-serialized weights in `sd` by dense `dtype` ones (None: as saved, int8 to float32).
+
+    Returns the quantization found: "nf4", "fp4", "int8" ("+"-joined if mixed), or None.
+    """
+    kinds = set()
+    for key in [k for k in sd if _BNB_STATE in k]:
+        weight, _, quant_type = key.rpartition(_BNB_STATE)
+        sd[weight] = _guard(weight, _dequant_4bit, sd, weight, quant_type, dtype)
+        kinds.add(quant_type)
+    for key in [k for k in sd if k.endswith(".SCB")]:
+        module = key[: -len(".SCB")]
+        sd[module + ".weight"] = _guard(module + ".weight", _dequant_int8, sd, module, dtype)
+        kinds.add("int8")
+    return "+".join(sorted(kinds)) or None
+
+
+def _guard(name: str, fn, *args):
+    try:
+        return fn(*args)
+    except (KeyError, RuntimeError, ValueError, IndexError) as e:
+        raise PerchError(f"cannot dequantize bitsandbytes weight {name}: {e!r}; the checkpoint's quant state is "
+                         "incomplete or corrupt: re-save it") from e
+
+
+def _dequant_4bit(sd: dict, weight: str, quant_type: str, dtype: torch.dtype | None) -> torch.Tensor:
+    # Layouts from bitsandbytes' QuantState.as_dict(packed=True) and backends/default/ops.py:
+    # two 4-bit codes per byte, high nibble first; value = quant_map[code] * absmax[block].
+    meta = json.loads(bytes(sd.pop(weight + _BNB_STATE + quant_type).tolist()).decode())
+    packed, absmax = sd.pop(weight), sd.pop(weight + ".absmax")
+    code = sd.pop(weight + ".quant_map").float()
+    if weight + ".nested_absmax" in sd:
+        # Double quant: the fp32 absmax values are themselves 8-bit blockwise-quantized, around an offset.
+        nested, nested_code = sd.pop(weight + ".nested_absmax").float(), sd.pop(weight + ".nested_quant_map").float()
+        absmax = nested_code.index_select(0, absmax.reshape(-1).int())
+        absmax = _scale_blocks(absmax, nested, meta["nested_blocksize"]) + meta["nested_offset"]
+    if code.numel() != 16:
+        raise ValueError(f"a 4-bit quant_map has 16 entries, not {code.numel()}")
+    # One lookup per byte into a 256-entry table of (high, low) value pairs, each pair read as one float64:
+    # 5x faster on CPU than a gather per nibble (1.3 s vs 6.5 s for a 4544x18176 weight on one core).
+    pairs = torch.stack((code.repeat_interleave(16), code.repeat(16)), dim=1).contiguous().view(torch.float64)
+    codes = packed.contiguous().view(torch.uint8).reshape(-1)  # quant_storage may be any dtype: bytes count
+    values = pairs.reshape(-1).index_select(0, codes.int()).view(torch.float32)[: math.prod(meta["shape"])]
+    dense = _scale_blocks(values, absmax.float(), meta["blocksize"]).reshape(meta["shape"])
+    return dense.to(dtype or getattr(torch, meta["dtype"]))
+
+
+def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """values[i] * absmax[i // blocksize]; the last block may be partial."""
+    n, blocks = values.numel(), absmax.numel()
+    if blocks != -(-n // blocksize):
+        raise ValueError(f"{blocks} absmax values for {n} elements in blocks of {blocksize}")
+    if n % blocksize:
+        values = torch.nn.functional.pad(values, (0, blocks * blocksize - n))
+    return (values.view(blocks, blocksize) * absmax.view(-1, 1)).reshape(-1)[:n]
+
+
+def _dequant_int8(sd: dict, module: str, dtype: torch.dtype | None) -> torch.Tensor:
+    weight, scb = sd.pop(module + ".weight"), sd.pop(module + ".SCB")
+    fmt = sd.pop(module + ".weight_format", None)
+    if fmt is not None and int(fmt) != 0:
+        raise ValueError(f"weight_format {int(fmt)} is a GPU tile layout of old bitsandbytes, not row-major")
+    # LLM.int8 row-wise absmax: w = q * SCB / 127 (bitsandbytes _ops.py, int8_vectorwise_dequant).
+    return (weight.float() * scb.float().view(-1, 1) * 7.874015718698502e-3).to(dtype or torch.float32)

@@ -61,7 +61,10 @@ def export(model: str | Path | Checkpoint, out: str | Path, options: ExportOptio
     out = Path(out)
     if out.exists() and not (overwrite and out.is_dir()):
         raise PerchError(f"output directory {out} already exists; choose a new --out or remove it first")
-    ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(resolve_model(model), allow_pickle=allow_pickle, adapter=adapter)
+    if not isinstance(model, Checkpoint):
+        # Stored dtype (dtype=None): backends cast tensor by tensor, so a bf16 7B never gets an fp32 copy.
+        model = load_checkpoint(resolve_model(model), allow_pickle=allow_pickle, adapter=adapter, dtype=None)
+    ckpt = model
     backend = importlib.import_module(BACKENDS[options.to])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))

@@ -1,0 +1,147 @@
+"""Core ML weight compression, scoped to linear and embedding weights: never rotary tables, norms or convs.
+
+- int8: symmetric per output channel (`constexpr_blockwise_shift_scale`);
+- int4: symmetric per block of `block_size` input values (`constexpr_blockwise_shift_scale`);
+- palettize4: a 16-entry look-up table per group of 16 output channels (`constexpr_lut_to_dense`), found by
+  k-means when scikit-learn is importable, else spread uniformly over each group's range.
+
+Why scoped: a global config also compresses the rotary cos/sin tables (FINDINGS), and exact positions are
+what long contexts depend on; norms and the Mamba conv kernels are tiny and sensitive. The manifest records
+what was compressed and what was left alone, and why.
+"""
+from __future__ import annotations
+
+import importlib.util
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+PALETTE_GROUP = 16  # output channels sharing one LUT: Apple's recommended granularity for LLM weights
+METHODS = ("int8", "int4", "palettize4")
+
+
+def kmeans_available() -> bool:
+    """coremltools' k-means palettization needs scikit-learn; without it Perch palettizes uniformly."""
+    return importlib.util.find_spec("sklearn") is not None
+
+
+def _const_name(name: str) -> str:
+    # An fp32 weight cast for fp16 compute becomes a const named `<name>_to_fp16`.
+    return name.removesuffix("_to_fp16")
+
+
+def _reason(op) -> str:
+    users = {child.op_type for out in op.outputs for child in out.child_ops}
+    if users == {"gather"}:
+        return "rotary table (gathered by position): positions must stay exact"
+    # Perch's norms are named norm / ln_f / *_layernorm / ln_attn / ln_mlp after their torch modules.
+    if users & {"layer_norm", "rms_norm", "batch_norm"} or "norm" in op.name or "_ln_" in op.name:
+        return "norm parameter: tiny and sensitive"
+    if "conv" in users:
+        return "depthwise conv kernel: tiny"
+    return "not a linear or embedding weight (bias, SSM A/D parameter, constant)"
+
+
+def plan(program, kinds: dict[str, str]) -> tuple[dict[str, str], dict[str, dict]]:
+    """(const name -> kind) to compress, and a summary of float consts left alone, by reason."""
+    chosen: dict[str, str] = {}
+    left: dict[str, dict] = defaultdict(lambda: {"tensors": 0, "params": 0, "examples": []})
+    for fn in program.functions.values():
+        for op in fn.operations:
+            if op.op_type != "const" or op.outputs[0].val is None:
+                continue
+            val = op.outputs[0].val
+            if not isinstance(val, np.ndarray) or val.dtype.kind != "f" or val.size < 16:
+                continue
+            kind = kinds.get(_const_name(op.name))
+            if kind is not None and val.ndim == 2:
+                chosen[op.name] = kind
+                continue
+            entry = left[_reason(op)]
+            entry["tensors"] += 1
+            entry["params"] += int(val.size)
+            if len(entry["examples"]) < 3:
+                entry["examples"].append(op.name)
+    return chosen, dict(left)
+
+
+def op_config(method: str, block_size: int):
+    """The coremltools op config for `method`."""
+    import coremltools.optimize.coreml as cto
+
+    if method == "int8":
+        return cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
+                                           weight_threshold=0)
+    if method == "int4":
+        return cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block",
+                                           block_size=block_size, weight_threshold=0)
+    if method == "palettize4":
+        return cto.OpPalettizerConfig(mode="kmeans" if kmeans_available() else "uniform", nbits=4,
+                                      granularity="per_grouped_channel", group_size=PALETTE_GROUP, weight_threshold=0)
+    raise ValueError(f"unknown compression method {method!r}; expected one of {METHODS}")
+
+
+def _fits(method: str, shape: tuple[int, ...], block_size: int) -> str | None:
+    """Why a weight cannot take `method`'s granularity, or None when it can."""
+    if method == "int4" and shape[1] % block_size:
+        return f"input size {shape[1]} is not a multiple of --block-size {block_size}"
+    if method == "palettize4" and shape[0] % PALETTE_GROUP:
+        return f"output size {shape[0]} is not a multiple of the palette group {PALETTE_GROUP}"
+    return None
+
+
+@dataclass
+class CompressionPlan:
+    """Which consts get `config` (by name), and the manifest's account of what was done and left alone."""
+
+    method: str
+    names: list[str]
+    info: dict
+
+
+def plan_compression(program, method: str, block_size: int, kinds: dict[str, str]) -> CompressionPlan:
+    """Decide what to compress in `program` (a pymil Program) without touching any weight value."""
+    chosen, left = plan(program, kinds)
+    shapes = {op.name: op.outputs[0].shape for fn in program.functions.values() for op in fn.operations
+              if op.name in chosen}
+    names, done = [], defaultdict(int)
+    for name, kind in chosen.items():
+        why = _fits(method, shapes[name], block_size)
+        if why:
+            entry = left.setdefault(why, {"tensors": 0, "params": 0, "examples": []})
+            entry["tensors"] += 1
+            entry["params"] += int(np.prod(shapes[name]))
+            entry["examples"] = (entry["examples"] + [name])[:3]
+        else:
+            names.append(name)
+            done[kind] += 1
+    info = {
+        "method": method,
+        "granularity": {"int8": "per_channel", "int4": f"per_block({block_size})",
+                        "palettize4": f"per_grouped_channel({PALETTE_GROUP})"}[method],
+        "compressed": {"tensors": len(names), "params": int(sum(np.prod(shapes[n]) for n in names)),
+                       "by_kind": dict(done)},
+        "left_alone": left,
+    }
+    if method == "int4":
+        info["block_size"] = block_size
+    if method == "palettize4":
+        info["palettization"] = "kmeans (scikit-learn)" if kmeans_available() else "uniform (scikit-learn not installed)"
+        info["group_size"] = PALETTE_GROUP
+    return CompressionPlan(method, names, info)
+
+
+def apply_compression(mlmodel, plan: CompressionPlan, block_size: int):
+    """Compress `mlmodel` as planned; returns a new MLModel.
+
+    coremltools reloads the program from the saved spec and weights, so the caller may (and, for large
+    models, should) drop `mlmodel._mil_program` and the torch weights first: then one copy is in memory.
+    """
+    import coremltools.optimize.coreml as cto
+
+    config = op_config(plan.method, block_size)
+    opt = cto.OptimizationConfig(op_name_configs={n: config for n in plan.names})
+    if plan.method == "palettize4":
+        return cto.palettize_weights(mlmodel, config=opt)
+    return cto.linear_quantize_weights(mlmodel, config=opt)

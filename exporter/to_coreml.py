@@ -1,0 +1,325 @@
+"""Core ML backend: a stateful iOS18 ML program, named the way swift-transformers loads a stateful LLM.
+
+Pipeline: the architecture's `Stateful` module (fp16 state buffers updated in place) -> torch.jit.trace ->
+ct.convert with fp16 `StateType`s and a ranged query length -> optional weight compression
+(`exporter.coreml_compress`) -> metadata -> `model.mlpackage`. With `multifunction`, the same trace is
+converted twice (prefill: ranged length; decode: one token) and merged; `save_multifunction` then stores
+each shared weight once, and both functions read and write the same states.
+
+Falcon: inputs `inputIds` (B, 1..max) int32 and `causalMask` (B, 1, T, end) fp16 additive; the new tokens
+sit at positions end-T..end-1, so one package serves prefill, decode and further chunks. Falcon-Mamba:
+input `inputIds` only; every call continues from `convState`/`ssmState`. Output `logits` (B, T, vocab).
+"""
+from __future__ import annotations
+
+import gc
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from exporter.coreml_compress import apply_compression, plan_compression
+from exporter.export import ExportOptions
+from exporter.registry import arch_module
+from perch.errors import PerchError
+from perch.loading import Checkpoint
+from perch.spec import Manifest
+
+PACKAGE = "model.mlpackage"
+TARGET = "iOS18"
+STATE_DTYPE = torch.float16  # Core ML states must be fp16 ("State only support fp16 dtype")
+INPUT_IDS, CAUSAL_MASK, LOGITS = "inputIds", "causalMask", "logits"
+# Deployment targets by name, oldest first; states need iOS18 / macOS15 (specification version 9).
+TARGETS = ("iOS15", "macOS12", "iOS16", "macOS13", "iOS17", "macOS14", "iOS18", "macOS15")
+STATE_TARGETS = ("iOS18", "macOS15")
+_SPEC_FILE = Path("Data") / "com.apple.CoreML" / "model.mlmodel"
+
+
+def check_target(target: str, has_states: bool = True):
+    """The coremltools target for `target`; PerchError for an unknown name or states below iOS18."""
+    import coremltools as ct
+
+    if target not in TARGETS:
+        raise PerchError(f"deployment target {target!r} is unknown; choose one of {', '.join(TARGETS)}")
+    if has_states and target not in STATE_TARGETS:
+        raise PerchError(f"deployment target {target} cannot hold Core ML states (K,V cache / SSM state): states "
+                         "need iOS18 or macOS15; export with target iOS18")
+    return getattr(ct.target, target)
+
+
+def _patch_frontend() -> None:
+    """Two coremltools 9 torch-frontend fixes, registered as op overrides (same semantics otherwise).
+
+    `int`: coremltools folds `aten::Int` of a size with `int(x.val)`, which numpy 2 refuses for a 1-d array
+    ("only 0-dimensional arrays can be converted to Python scalars"): any `x.shape[0]` used as a size fails.
+    `layer_norm`: see below. Registering twice is harmless (override=True).
+    """
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch import register_torch_op
+    from coremltools.converters.mil.frontend.torch.ops import _get_inputs
+    from coremltools.converters.mil.mil import types
+
+    @register_torch_op(torch_alias=["int"], override=True)
+    def perch_scalar_int(context, node):
+        x = _get_inputs(context, node, expected=1)[0]
+        if x.can_be_folded_to_const():
+            res = mb.const(val=int(np.asarray(x.val).reshape(-1)[0]), name=node.name)
+        else:
+            x = mb.squeeze(x=x, name=node.name + "_item") if len(x.shape) > 0 else x
+            res = mb.cast(x=x, dtype="int32", name=node.name)
+        context.add(res, node.name)
+
+    @register_torch_op(torch_alias=["layer_norm"], override=True)
+    def perch_layer_norm(context, node):
+        # Why: coremltools makes epsilon an fp32 const even when gamma is fp16 (an fp16 trace), and the
+        # MIL layer_norm wants them the same dtype. fp16 traces keep a 7B model at one fp16 copy.
+        x, shape, gamma, beta, eps = _get_inputs(context, node, expected=[5, 6])[:5]
+        eps = np.asarray(eps.val if eps is not None else 1e-5, dtype=np.float16 if x.dtype == types.fp16 else np.float32)
+        axes = list(range(-len(shape.val), 0))
+        context.add(mb.layer_norm(x=x, axes=axes, gamma=gamma, beta=beta, epsilon=eps, name=node.name))
+
+
+def stateful_module(ckpt: Checkpoint, max_context: int, batch_size: int, dtype: torch.dtype) -> nn.Module:
+    """The architecture's Stateful module with weights cast to `dtype` once each (tied tensors stay tied)."""
+    mod = arch_module(ckpt.arch)
+    cast: dict[int, torch.Tensor] = {}
+    for v in ckpt.state_dict.values():
+        if id(v) not in cast:
+            cast[id(v)] = v.to(dtype) if v.is_floating_point() else v
+    sd = {k: cast[id(v)] for k, v in ckpt.state_dict.items()}
+    del cast
+    core = mod.build(ckpt.config, sd, max_context, scan="logdepth")  # logdepth: a fixed, traceable scan
+    return mod.Stateful(core, batch_size, STATE_DTYPE).eval()
+
+
+def example_inputs(arch: str, batch_size: int) -> tuple[torch.Tensor, ...]:
+    """Trace inputs: 2 new tokens after 3 stored ones, so no size is 0 or 1 (those get specialised)."""
+    ids = torch.zeros(batch_size, 2, dtype=torch.int32)
+    return (ids, torch.zeros(batch_size, 1, 2, 5)) if arch == "falcon" else (ids,)
+
+
+def coreml_inputs(arch: str, batch_size: int, max_context: int, query_len: int | None) -> list:
+    """inputIds (B, T) and, for Falcon, causalMask (B, 1, T, end); T ranged 1..max unless fixed."""
+    import coremltools as ct
+
+    t = query_len or ct.RangeDim(lower_bound=1, upper_bound=max_context, default=1)
+    inputs = [ct.TensorType(name=INPUT_IDS, shape=(batch_size, t), dtype=np.int32)]
+    if arch == "falcon":
+        end = ct.RangeDim(lower_bound=1, upper_bound=max_context, default=1)
+        inputs.append(ct.TensorType(name=CAUSAL_MASK, shape=(batch_size, 1, t, end), dtype=np.float16))
+    return inputs
+
+
+def coreml_states(module: nn.Module, names: list[str]) -> list:
+    import coremltools as ct
+
+    return [ct.StateType(wrapped_type=ct.TensorType(shape=tuple(getattr(module, n).shape), dtype=np.float16), name=n)
+            for n in names]
+
+
+def convert_function(traced, module: nn.Module, arch: str, state_names: list[str], max_context: int,
+                     options: ExportOptions, query_len: int | None = None, target: str = TARGET):
+    """One Core ML function from the trace: ranged query length, or `query_len` fixed (decode)."""
+    import coremltools as ct
+
+    ct_target = check_target(target, has_states=bool(state_names))
+    _patch_frontend()
+    fp16 = options.dtype == "fp16"
+    model = ct.convert(
+        traced,
+        inputs=coreml_inputs(arch, options.batch_size, max_context, query_len),
+        outputs=[ct.TensorType(name=LOGITS, dtype=np.float16 if fp16 else np.float32)],
+        states=coreml_states(module, state_names),
+        minimum_deployment_target=ct_target,
+        compute_precision=ct.precision.FLOAT16 if fp16 else ct.precision.FLOAT32,
+        convert_to="mlprogram",
+        skip_model_load=True,  # loading compiles with the Core ML framework: macOS only, and slow
+    )
+    check_state_writes(model._mil_program, state_names)
+    return model
+
+
+def state_writes(program) -> dict[str, int]:
+    """State name -> number of `coreml_update_state` ops writing it, over every function of `program`."""
+    from coremltools.converters.mil.mil import types
+
+    counts: dict[str, int] = {}
+    for fn in program.functions.values():
+        for name, var in fn.inputs.items():
+            if types.is_state(var.sym_type):
+                counts.setdefault(name, 0)
+        for op in fn.operations:
+            if op.op_type == "coreml_update_state":
+                name = op.inputs["state"].name
+                counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def check_state_writes(program, state_names: list[str]) -> None:
+    """Fail loudly when a state is never written: Core ML drops a write made through a view of a state
+    buffer without any error (FINDINGS), which would make every later call see a stale cache."""
+    counts = state_writes(program)
+    unwritten = [n for n in state_names if counts.get(n, 0) == 0]
+    if unwritten:
+        raise RuntimeError(f"Core ML program never writes state(s) {unwritten}: a write through a view of a "
+                           "state buffer was dropped by the converter; write through the root buffer (buf[i:j] = x)")
+
+
+def weight_kinds(module: nn.Module) -> dict[str, str]:
+    """Core ML const name -> "linear" | "embedding" for every weight compression may touch.
+
+    coremltools names a traced parameter by its module path with dots as underscores.
+    """
+    kinds = {}
+    for name, m in module.named_modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            kinds[f"{name}.weight".replace(".", "_")] = "linear" if isinstance(m, nn.Linear) else "embedding"
+    return kinds
+
+
+def function_plan(options: ExportOptions) -> dict[str, int | None]:
+    """Function name -> fixed query length (None: ranged). The first is the default function."""
+    return {"prefill": None, "decode": 1} if options.multifunction else {"main": None}
+
+
+def convert_functions(ckpt: Checkpoint, options: ExportOptions, max_context: int, state_names: list[str],
+                      plan: dict[str, int | None]) -> tuple[dict, dict[str, str]]:
+    """Trace once, convert each planned function. Returns ({name: MLModel}, weight kinds).
+
+    The torch module is local: once this returns, the weights live on only in the programs' consts
+    (which share the torch storage: one copy) and in each MLModel's saved weights on disk.
+    """
+    module = stateful_module(ckpt, max_context, options.batch_size, torch.float16 if options.dtype == "fp16" else torch.float32)
+    with torch.inference_mode(False), torch.no_grad():
+        traced = torch.jit.trace(module, example_inputs(ckpt.arch, options.batch_size), check_trace=False)
+    parts = {name: convert_function(traced, module, ckpt.arch, state_names, max_context, options, q)
+             for name, q in plan.items()}
+    return parts, weight_kinds(module)
+
+
+def release_program(model) -> None:
+    """Drop an MLModel's in-memory program (its weights stay in the saved package on disk).
+
+    Why: coremltools' compression and save_multifunction reload the program from disk; keeping this copy
+    too would hold the weights twice. pymil programs are cyclic, so collect explicitly.
+    """
+    model._mil_program = None
+    gc.collect()
+
+
+def export(ckpt: Checkpoint, out_dir: str | Path, options: ExportOptions) -> Manifest:
+    """Convert `ckpt` into `out_dir/model.mlpackage` and return its manifest (the driver saves it)."""
+    out_dir = Path(out_dir)
+    max_context = options.context_for(ckpt.config)
+    io = arch_module(ckpt.arch).io_spec(ckpt.config, max_context, state_dtype="float16")
+    t0 = time.perf_counter()
+    plan = function_plan(options)
+    parts, kinds = convert_functions(ckpt, options, max_context, [s.coreml_name for s in io.states], plan)
+    quantization: dict = {"method": "none"}
+    plans = {}
+    if options.quantize != "none":
+        plans = {n: plan_compression(m._mil_program, options.quantize, options.block_size, kinds) for n, m in parts.items()}
+        quantization = next(iter(plans.values())).info
+    for model in parts.values():
+        release_program(model)
+    if plans:
+        for name in parts:  # one function at a time: each reloads its weights from disk
+            parts[name] = apply_compression(parts[name], plans[name], options.block_size)
+            release_program(parts[name])
+    _save(parts, out_dir / PACKAGE, scratch=out_dir)
+    del parts
+    write_metadata(out_dir / PACKAGE, _metadata(ckpt, options, max_context))
+    extras = {
+        "inputs": {"input_ids": INPUT_IDS, **({"causal_mask": CAUSAL_MASK} if ckpt.arch == "falcon" else {})},
+        "outputs": {"logits": LOGITS},
+        "states": {s.kind: s.coreml_name for s in io.states},
+        "deployment_target": TARGET,
+        "functions": {name: ("ranged" if q is None else q) for name, q in plan.items()},
+        "default_function": next(iter(plan)),
+        "batch_size": options.batch_size,
+        "compute_precision": options.dtype,
+        "conversion_seconds": round(time.perf_counter() - t0, 2),
+    }
+    return Manifest(format="coreml", arch=ckpt.arch, io=io, hf_config=ckpt.config.to_dict(), max_context=max_context,
+                    dtype=options.dtype, quantization=quantization, model_file=PACKAGE, extras=extras)
+
+
+def _save(parts: dict, package: Path, scratch: Path) -> None:
+    """One function: save as is. Several: save each, then merge (shared weights stored once)."""
+    import coremltools as ct
+
+    if len(parts) == 1:
+        next(iter(parts.values())).save(str(package))
+        return
+    tmp = [scratch / f".{name}.mlpackage" for name in parts]
+    try:
+        for path, model in zip(tmp, parts.values()):
+            model.save(str(path))
+        desc = ct.utils.MultiFunctionDescriptor()
+        for path, name in zip(tmp, parts):
+            desc.add_function(str(path), src_function_name="main", target_function_name=name)
+        desc.default_function_name = next(iter(parts))
+        ct.utils.save_multifunction(desc, str(package))
+    finally:
+        for path in tmp:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _model_name(ckpt: Checkpoint) -> str:
+    """What swift-transformers fetches config and tokenizer by: the hub id when there is one."""
+    model = str(ckpt.source.get("model") or "")
+    if model and not Path(model).expanduser().exists():
+        return model
+    return getattr(ckpt.config, "_name_or_path", "") or Path(ckpt.model_dir).name
+
+
+def _metadata(ckpt: Checkpoint, options: ExportOptions, max_context: int) -> dict:
+    from perch import __version__
+
+    arch = (getattr(ckpt.config, "architectures", None) or [""])[0]
+    precision = {"none": options.dtype, "int8": "int8", "int4": "int4", "palettize4": "palettized 4-bit"}[options.quantize]
+    return {
+        "author": "Perch",
+        "short_description": f"{arch or ckpt.arch} ({precision}) with its {'K,V cache' if ckpt.arch == 'falcon' else 'conv and SSM state'} "
+                             f"as Core ML state, up to {max_context} tokens",
+        "version": __version__,
+        "user_defined": {
+            # swift-transformers reads the name (LanguageModel.modelName); the rest follows HF exporters.
+            "co.huggingface.exporters.name": _model_name(ckpt),
+            "co.huggingface.exporters.task": "text-generation",
+            "co.huggingface.exporters.architecture": arch,
+            "co.huggingface.exporters.framework": "pytorch",
+            "co.huggingface.exporters.precision": options.dtype,
+            "perch.version": __version__,
+            "perch.arch": ckpt.arch,
+            "perch.quantization": options.quantize,
+            "perch.max_context": str(max_context),
+        },
+        "inputs": {INPUT_IDS: "Token ids of the new tokens (batch, 1..max_context), int32",
+                   CAUSAL_MASK: "Additive causal mask (batch, 1, new tokens, stored + new tokens): 0 to attend, "
+                                "-1e4 to mask; its length sets the position of the new tokens"},
+        "outputs": {LOGITS: "Next-token scores (batch, new tokens, vocab)"},
+    }
+
+
+def write_metadata(package: Path, meta: dict) -> None:
+    """Write author, description and user-defined metadata into the package's spec file in place."""
+    from coremltools.proto import Model_pb2
+
+    path = Path(package) / _SPEC_FILE
+    spec = Model_pb2.Model()
+    spec.ParseFromString(path.read_bytes())
+    desc = spec.description
+    desc.metadata.author = meta["author"]
+    desc.metadata.shortDescription = meta["short_description"]
+    desc.metadata.versionString = meta["version"]
+    desc.metadata.userDefined.update(meta["user_defined"])
+    features = list(desc.input) + list(desc.output) + [f for fn in desc.functions for f in (*fn.input, *fn.output)]
+    for feature in features:
+        text = meta["inputs"].get(feature.name) or meta["outputs"].get(feature.name)
+        if text:
+            feature.shortDescription = text
+    path.write_bytes(spec.SerializeToString())

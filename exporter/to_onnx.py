@@ -1,0 +1,259 @@
+"""ONNX backend: trace an architecture's past/present module with torch's dynamo exporter, attach the
+checkpoint's weights lazily, optionally quantize, and save (with external data when large).
+
+Never two copies of the weights: the module is traced with stand-in weights (zero-stride views that own
+no memory), and each initializer is bound to a lazy tensor that converts (and, for a linear layer,
+transposes or quantizes) one checkpoint tensor at the moment it is written to disk. Peak memory is the
+checkpoint as loaded (memory-mapped safetensors) plus one converted tensor.
+
+Variants: "default" (explicit past/present tensors, optimum's naming, dynamic past length) and "inplace"
+(Falcon: fixed-size K,V buffers updated by GroupQueryAttention, see exporter/onnx_gqa.py).
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import onnx_ir as ir
+import torch
+
+from exporter import onnx_quant
+from exporter.registry import arch_module
+from perch.archs import SUPPORTED
+from perch.errors import PerchError
+from perch.spec import Manifest, ModelIO
+
+OPSET = 20  # LayerNormalization and Gelu as single ops; read by onnxruntime >= 1.17
+# onnx 1.23 writes IR 14 by default, which onnxruntime 1.31 refuses (FINDINGS); 10 is read by ORT >= 1.16.
+IR_VERSION = 10
+MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
+# Above this many bytes of weights, write them to model.onnx.data: a protobuf cannot exceed 2 GiB, and a
+# single-file save serializes the whole model in memory (~2x its size) where external data streams it.
+EXTERNAL_DATA_THRESHOLD = 256 << 20
+# Trace sizes: never 0 or 1, which torch.export specialises into constants (FINDINGS).
+SAMPLE_SIZES = {"batch": 2, "sequence": 3, "context": 5}
+PREFIX = "core."  # the wrappers keep the core as `self.core`: initializer names are "core." + state-dict key
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def export(ckpt, out_dir: str | Path, options) -> Manifest:
+    """Write `out_dir/model.onnx` (+ `model.onnx.data` when large) for `ckpt`; return its Manifest.
+
+    `options` is an `exporter.export.ExportOptions` (dtype, quantize, block_size, max_context, variant).
+    """
+    t0 = time.perf_counter()
+    max_context = options.context_for(ckpt.config)
+    dtype = TORCH_DTYPES[options.dtype]
+    variant = options.variant if ckpt.arch == "falcon" else "default"
+    model, io = build_graph(ckpt, max_context, dtype, variant)
+    t_trace = time.perf_counter() - t0
+    quant = {"method": "none"}
+    if options.quantize != "none":
+        embedding = SUPPORTED[ckpt.arch]["embedding"]
+        quant = onnx_quant.quantize(model, options.quantize, options.block_size, embedding=PREFIX + embedding)
+    saved = save_model(model, out_dir)
+    if options.quantize != "none":
+        quant["size_bytes"] = saved["bytes"]
+    extras = {
+        "opset": OPSET, "ir_version": IR_VERSION, "variant": variant,
+        "exporter": f"torch.onnx dynamo (torch {torch.__version__})",
+        "external_data": saved["external_data"], "model_bytes": saved["bytes"], "files": saved["files"],
+        "export_seconds": round(time.perf_counter() - t0, 2), "trace_seconds": round(t_trace, 2),
+        "lm_head": "separate from the embedding (untied), so MatMulNBits can quantize it",
+    }
+    if options.variant == "inplace" and variant != "inplace":
+        extras["variant_note"] = (f"{ckpt.arch} keeps fixed-size conv and SSM states, no growing cache to update in "
+                                  "place: the default graph was exported (the runtime double-buffers its states)")
+    return Manifest(format="onnx", arch=ckpt.arch, io=io, hf_config=ckpt.config.to_dict(), max_context=max_context,
+                    dtype=options.dtype, quantization=quant, model_file=MODEL_FILE, extras=extras)
+
+
+def build_graph(ckpt, max_context: int, dtype: torch.dtype, variant: str = "default") -> tuple[ir.Model, ModelIO]:
+    """Trace, bind the checkpoint's weights lazily, and clean up: an in-memory model ready to quantize or save."""
+    mod = arch_module(ckpt.arch)
+    io = mod.io_spec(ckpt.config, max_context, state_dtype=str(dtype).removeprefix("torch."))
+    core = mod.build(ckpt.config, stand_in_weights(ckpt.state_dict, dtype), max_context, scan="scan")
+    translations = {}
+    if variant == "inplace":
+        from exporter import onnx_gqa
+
+        io = onnx_gqa.inplace_io(io, max_context)
+        wrapper, translations = onnx_gqa.FalconInplace(core), onnx_gqa.TRANSLATIONS
+    else:
+        wrapper = mod.PastPresent(core)
+    model = trace(wrapper, io, dtype, translations)
+    fold_weight_transposes(model, ckpt.state_dict, dtype)
+    bind_weights(model, ckpt.state_dict, dtype)
+    import onnxscript.optimizer
+
+    onnxscript.optimizer.optimize(model)  # folds only small constants (input size limit), never the weights
+    model.ir_version = IR_VERSION
+    model.producer_name, model.producer_version = "perch", _perch_version()
+    model.metadata_props.update({"perch.arch": ckpt.arch, "perch.variant": variant})
+    return model, io
+
+
+def stand_in_weights(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Zero-stride views with the checkpoint's shapes: tracing needs shapes and dtypes, not values."""
+    return {k: torch.zeros((), dtype=dtype if v.is_floating_point() else v.dtype).expand(v.shape)
+            for k, v in state_dict.items()}
+
+
+def state_names(io: ModelIO, which: str) -> list[str]:
+    """Layer-major ONNX state names ("past_key_values.0.key", "past_key_values.0.value", ...)."""
+    n = io.states[0].num_layers if io.states else 0
+    return [getattr(s, which).format(i=i) for i in range(n) for s in io.states]
+
+
+def _example(shape, dtype: torch.dtype, sizes: dict[str, int]) -> tuple[torch.Tensor, dict[int, str]]:
+    dims = [sizes[a] if isinstance(a, str) else a for a in shape]
+    axes = {i: a for i, a in enumerate(shape) if isinstance(a, str)}
+    if dtype == torch.int64:
+        return torch.ones(dims, dtype=dtype), axes
+    return torch.randn(dims).to(dtype), axes
+
+
+def example_inputs(io: ModelIO, dtype: torch.dtype) -> tuple[tuple, tuple]:
+    """Trace inputs and their dynamic axes, by the names and axes `io` declares."""
+    sizes = {**SAMPLE_SIZES, "total_sequence": SAMPLE_SIZES["context"] + SAMPLE_SIZES["sequence"]}
+    args, dyn = [], []
+    for spec in io.inputs:
+        t, axes = _example(spec.shape, torch.int64, sizes)
+        if spec.name == "position_ids":  # positions of the new tokens after the sample past
+            t = torch.arange(sizes["context"], sizes["total_sequence"]).expand(t.shape).contiguous()
+        args.append(t)
+        dyn.append(axes)
+    past_dyn = []
+    for i in range(io.states[0].num_layers):
+        for s in io.states:
+            t, axes = _example(s.shape, getattr(torch, s.dtype), sizes)
+            args.append(t)
+            past_dyn.append(axes)
+    return tuple(args), (*dyn, tuple(past_dyn))
+
+
+def trace(wrapper: torch.nn.Module, io: ModelIO, dtype: torch.dtype, translations: dict) -> ir.Model:
+    """torch.onnx's dynamo exporter, unoptimized (we fold and bind the weights ourselves first)."""
+    args, dynamic_shapes = example_inputs(io, dtype)
+    names_in = [s.name for s in io.inputs] + state_names(io, "onnx_input")
+    names_out = [s.name for s in io.outputs] + state_names(io, "onnx_output")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.export's deprecation chatter about dynamic-shape renames
+        program = torch.onnx.export(
+            wrapper.eval(), args, dynamo=True, dynamic_shapes=dynamic_shapes, input_names=names_in,
+            output_names=names_out, opset_version=OPSET, optimize=False, verbose=False,
+            custom_translation_table=translations or None,
+        )
+    return program.model
+
+
+def _source_key(value: ir.Value, state_dict: dict) -> str | None:
+    if value.name and value.name.startswith(PREFIX) and value.name[len(PREFIX):] in state_dict:
+        return value.name[len(PREFIX):]
+    return None
+
+
+def _lazy(fn, dtype: ir.DataType, shape, name: str) -> ir.LazyTensor:
+    return ir.LazyTensor(fn, dtype, ir.Shape(list(shape)), name=name)
+
+
+def _to_numpy(t: torch.Tensor, dtype: torch.dtype):
+    """One checkpoint tensor in the export dtype, as a contiguous numpy array (a copy of this tensor only)."""
+    t = t.detach()
+    if t.is_floating_point():
+        t = t.to(dtype)
+    return t.contiguous().numpy()
+
+
+def fold_weight_transposes(model: ir.Model, state_dict: dict, dtype: torch.dtype) -> None:
+    """Transpose(weight) -> a transposed weight computed at save time: a linear layer becomes MatMul(x, W^T)
+    without a second copy in memory, and the quantizer sees each weight as one initializer."""
+    for node in list(model.graph):
+        if node.op_type != "Transpose" or not node.inputs[0].is_initializer():
+            continue
+        key = _source_key(node.inputs[0], state_dict)
+        if key is None or len(node.inputs[0].shape) != 2:
+            continue
+        src, out = state_dict[key], node.outputs[0]
+        shape = list(reversed(list(node.inputs[0].shape)))
+        value = ir.Value(name=node.inputs[0].name + ".T", shape=ir.Shape(shape), type=node.inputs[0].type)
+        value.const_value = _lazy(lambda src=src: ir.tensor(_to_numpy(src, dtype).T.copy()),
+                                  node.inputs[0].dtype, shape, value.name)
+        # The quantizer wants the (out, in) layout back: hand it the source, not a transpose of a transpose.
+        value.meta[onnx_quant.WEIGHT_OUT_IN] = lambda src=src: _to_numpy(src, dtype)
+        model.graph.register_initializer(value)
+        out.replace_all_uses_with(value)
+        model.graph.remove(node, safe=True)
+
+
+def bind_weights(model: ir.Model, state_dict: dict, dtype: torch.dtype) -> None:
+    """Point every stand-in initializer at its checkpoint tensor (lazily); drop the ones no longer used."""
+    for name, value in list(model.graph.initializers.items()):
+        key = _source_key(value, state_dict)
+        if key is None:
+            continue
+        if not value.uses() and not value.is_graph_output():
+            del model.graph.initializers[name]
+            continue
+        src = state_dict[key]
+        value.const_value = _lazy(lambda src=src: ir.tensor(_to_numpy(src, dtype)), value.dtype, value.shape, name)
+
+
+def weight_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def save_model(model: ir.Model, out_dir: str | Path, threshold: int | None = None) -> dict:
+    """Save as `model.onnx`, with `model.onnx.data` beside it when the weights exceed the threshold."""
+    threshold = EXTERNAL_DATA_THRESHOLD if threshold is None else threshold
+    out_dir = Path(out_dir)
+    external = weight_bytes(model) > threshold
+    try:
+        ir.save(model, out_dir / MODEL_FILE, external_data=DATA_FILE if external else None)
+    except (ValueError, OSError) as e:  # protobuf "Failed to serialize proto", disk full
+        raise PerchError(f"writing {out_dir / MODEL_FILE} failed ({e}); check free disk space") from e
+    files = [MODEL_FILE] + ([DATA_FILE] if external else [])
+    return {"external_data": external, "files": files, "bytes": sum((out_dir / f).stat().st_size for f in files)}
+
+
+def _perch_version() -> str:
+    from perch import __version__
+
+    return __version__
+
+
+def quantize_artifact(src: str | Path, out: str | Path, method: str, block_size: int = 32) -> Manifest:
+    """Quantize an existing float ONNX export into a new directory, without tracing again.
+
+    The float weights stream from `src`'s files (external data is memory-mapped), one tensor at a time.
+    """
+    import shutil
+    import tempfile
+
+    src, out = Path(src), Path(out)
+    manifest = Manifest.load(src)
+    if manifest.format != "onnx" or manifest.quantization.get("method", "none") != "none":
+        raise PerchError(f"{src}: quantize_artifact needs an unquantized ONNX export (this one is "
+                         f"{manifest.format}, quantization {manifest.quantization.get('method')})")
+    if out.exists():
+        raise PerchError(f"output directory {out} already exists; choose a new one or remove it first")
+    model = ir.load(src / manifest.model_file)
+    embedding = PREFIX + SUPPORTED[manifest.arch]["embedding"]
+    quant = onnx_quant.quantize(model, method, block_size, embedding=embedding)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        saved = save_model(model, tmp)
+        for name in [*manifest.tokenizer_files, "config.json", "generation_config.json"]:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        manifest.quantization = {**quant, "size_bytes": saved["bytes"]}
+        manifest.extras.update(external_data=saved["external_data"], model_bytes=saved["bytes"], files=saved["files"],
+                               quantized_from=str(src))
+        manifest.save(tmp)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest

@@ -1,0 +1,239 @@
+"""ONNX Runtime behind the step API: CPU or CUDA, state kept on the device between steps with IO binding.
+
+Reads only the artifact (manifest + graph), never `exporter`. Before running anything it checks that the
+graph is one Perch wrote and that it matches its manifest (names, dtypes, fixed dimensions), so a wrong
+or damaged artifact fails with a PerchError naming the problem instead of an error deep inside ORT.
+
+State handling per variant:
+- default Falcon: each step's `present.*` outputs stay on the device and are bound as the next `past_*`
+  (ORT allocates the grown cache; nothing crosses to the host but the logits).
+- default Falcon-Mamba: fixed-size states, double-buffered: two sets of device buffers swap roles.
+- inplace Falcon: one (batch, kv_heads, max_context, head_dim) buffer per layer and kind, bound as both
+  past and present, so GroupQueryAttention writes the new K,V in place.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from perch.errors import PerchError
+from perch.spec import Manifest, ModelIO
+from runtimes.base import Runtime, model_inputs
+
+ORT_TYPES = {"tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(float)": "float32",
+             "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16"}
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise PerchError("onnxruntime is not installed: pip install onnxruntime "
+                         "(or onnxruntime-gpu for CUDA)") from None
+    return onnxruntime
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """"cpu", "cuda" or "cuda:N" -> (ORT device type, device id)."""
+    kind, _, idx = str(device).partition(":")
+    if kind not in ("cpu", "cuda") or (idx and not idx.isdigit()):
+        raise PerchError(f"device {device!r}: use cpu, cuda or cuda:N")
+    return kind, int(idx or 0)
+
+
+def providers_for(device: str) -> list:
+    """The execution providers for a device; CUDA needs onnxruntime-gpu with its CUDA libraries."""
+    kind, idx = parse_device(device)
+    if kind == "cpu":
+        return ["CPUExecutionProvider"]
+    available = _ort().get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise PerchError(f"device {device!r} needs onnxruntime-gpu (CUDAExecutionProvider); this onnxruntime "
+                         f"offers {', '.join(available)}. Install onnxruntime-gpu, or run with --device cpu")
+    return [("CUDAExecutionProvider", {"device_id": idx}), "CPUExecutionProvider"]
+
+
+def state_names(io: ModelIO, which: str) -> list[tuple[str, str]]:
+    """Layer-major (canonical name, ONNX name) pairs: ("key.0", "past_key_values.0.key"), ..."""
+    n = io.states[0].num_layers if io.states else 0
+    return [(f"{s.kind}.{i}", getattr(s, which).format(i=i)) for i in range(n) for s in io.states]
+
+
+def _dim_problem(where: str, name: str, want, got) -> str | None:
+    if isinstance(want, int) and isinstance(got, int) and want != got:
+        return f"{where} {name!r}: dimension {got} in the graph, {want} in the manifest"
+    return None
+
+
+def check_graph(session, manifest: Manifest) -> None:
+    """Every mismatch between the graph and the manifest, reported together as one PerchError."""
+    meta = session.get_modelmeta()
+    custom = meta.custom_metadata_map or {}
+    problems = []
+    if meta.producer_name != "perch":
+        problems.append(f"the graph was produced by {meta.producer_name or 'an unknown tool'!r}, not `perch export`")
+    elif custom.get("perch.arch") != manifest.arch or custom.get("perch.variant", "default") != _variant(manifest):
+        problems.append(f"the graph is {custom.get('perch.arch')}/{custom.get('perch.variant')}, the manifest says "
+                        f"{manifest.arch}/{_variant(manifest)}")
+    io = manifest.io
+    states = {s.kind: s for s in io.states}
+    want_in = {t.name: (t.shape, t.dtype) for t in io.inputs}
+    want_out = {t.name: (t.shape, t.dtype) for t in io.outputs}
+    for kind_name, onnx_name in state_names(io, "onnx_input"):
+        s = states[kind_name.split(".")[0]]
+        want_in[onnx_name] = (s.shape, s.dtype)
+    for kind_name, onnx_name in state_names(io, "onnx_output"):
+        s = states[kind_name.split(".")[0]]
+        want_out[onnx_name] = (s.shape, s.dtype)
+    for where, want, got in (("input", want_in, session.get_inputs()), ("output", want_out, session.get_outputs())):
+        problems += _compare(where, want, {g.name: g for g in got})
+    if problems:
+        raise PerchError("the ONNX graph does not match its manifest (re-export the model, or pass the directory "
+                         "`perch export` wrote):\n  - " + "\n  - ".join(problems))
+
+
+def _compare(where: str, want: dict, got: dict) -> list[str]:
+    problems = [f"{where} {n!r} is in the manifest but not in the graph" for n in want if n not in got]
+    problems += [f"{where} {n!r} is in the graph but not in the manifest" for n in got if n not in want]
+    for name in want.keys() & got.keys():
+        shape, dtype = want[name]
+        g = got[name]
+        if ORT_TYPES.get(g.type, g.type) != dtype:
+            problems.append(f"{where} {name!r}: {ORT_TYPES.get(g.type, g.type)} in the graph, {dtype} in the manifest")
+        if len(g.shape) != len(shape):
+            problems.append(f"{where} {name!r}: rank {len(g.shape)} in the graph, {len(shape)} in the manifest")
+            continue
+        problems += filter(None, (_dim_problem(where, name, w, d) for w, d in zip(shape, g.shape)))
+    return problems
+
+
+def _variant(manifest: Manifest) -> str:
+    return manifest.extras.get("variant", "default")
+
+
+def check_files(directory: Path, manifest: Manifest) -> Path:
+    """The model file, present and of the size the manifest recorded (a truncated copy fails here, not in ORT)."""
+    path = directory / (manifest.model_file or "model.onnx")
+    if not path.is_file():
+        raise PerchError(f"{path} is missing; the export is incomplete: re-export the model")
+    files = manifest.extras.get("files") or [path.name]
+    missing = [f for f in files if not (directory / f).is_file()]
+    if missing:
+        raise PerchError(f"{directory}: {', '.join(missing)} missing (external weights travel with model.onnx); "
+                         "copy the whole directory")
+    size, want = sum((directory / f).stat().st_size for f in files), manifest.extras.get("model_bytes")
+    if want is not None and size != want:
+        raise PerchError(f"{directory}: model files hold {size} bytes, the manifest recorded {want}; "
+                         "the copy is truncated or was modified: copy or export it again")
+    return path
+
+
+def open_session(path: Path, providers: list, threads: int | None = None):
+    ort = _ort()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only: ORT warns about harmless unused initializers
+    if threads:
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as e:  # ORT raises InvalidProtobuf, Fail, InvalidGraph, NoSuchFile ... for one cause
+        raise PerchError(f"onnxruntime cannot load {path}: {str(e).strip()[:400]}. The file is corrupt, truncated "
+                         "or not an ONNX model: re-export it with `perch export --to onnx`") from e
+
+
+class OnnxRuntime(Runtime):
+    """An ONNX export behind the step API. `device`: "cpu", "cuda" or "cuda:N"; `threads`: ORT intra-op threads."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, *, device: str = "cpu", threads: int | None = None):
+        self.path = Path(path)
+        self.manifest = Manifest.load(self.path)
+        if self.manifest.format != "onnx":
+            raise PerchError(f"{path} holds a {self.manifest.format} export, not ONNX; open it with its own runtime")
+        self.io, self.variant = self.manifest.io, _variant(self.manifest)
+        self.vocab_size = int(self.manifest.hf_config["vocab_size"])
+        self.max_context = int(self.manifest.max_context)
+        self.device, self.device_id = parse_device(device)
+        self.session = open_session(check_files(self.path, self.manifest), providers_for(device), threads)
+        check_graph(self.session, self.manifest)
+        self.past_names = state_names(self.io, "onnx_input")
+        self.present_names = state_names(self.io, "onnx_output")
+        self._binding = None
+        self.reset(1)
+
+    # ---------------------------------------------------------------- device tensors
+    def _on_device(self, array: np.ndarray):
+        return _ort().OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, self.device_id)
+
+    def _zeros(self, batch_size: int, context: int) -> dict:
+        states = {s.kind: s for s in self.io.states}
+        return {key: self._on_device(np.zeros(states[key.split(".")[0]].concrete_shape(batch_size, context),
+                                              np.dtype(states[key.split(".")[0]].dtype)))
+                for key, _ in self.past_names}
+
+    def _reset(self, batch_size: int) -> None:
+        # Inplace buffers and Mamba states have no "context" axis left; default Falcon starts at length 0.
+        self.values = self._zeros(batch_size, 0)
+        self.spare = self._zeros(batch_size, 0) if self._fixed_state() and self.variant == "default" else None
+        self._binding = None
+
+    def _fixed_state(self) -> bool:
+        return all("context" not in s.shape for s in self.io.states)
+
+    # ---------------------------------------------------------------- running
+    def _forward(self, input_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        b, t = input_ids.shape
+        past = mask.shape[1] - t
+        if self.variant == "inplace" and b > 1 and t > 1 and past > 0:
+            # GroupQueryAttention takes a multi-token chunk after a non-empty cache only at batch 1 (without
+            # its newer query_seqlens input): feed such a chunk one token at a time, same result.
+            return np.concatenate([self._run(input_ids[:, j : j + 1], mask[:, : past + j + 1], positions[:, j : j + 1])
+                                   for j in range(t)], axis=1)
+        return self._run(input_ids, mask, positions)
+
+    def _run(self, input_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        binding = self.session.io_binding()
+        for name, array in model_inputs(self.io, input_ids, mask, positions).items():
+            binding.bind_ortvalue_input(name, self._on_device(array))
+        for key, name in self.past_names:
+            binding.bind_ortvalue_input(name, self.values[key])
+        binding.bind_output("logits", "cpu")  # only the logits come back to the host
+        for key, name in self.present_names:
+            if self.variant == "inplace":
+                binding.bind_ortvalue_output(name, self.values[key])  # same buffer: written in place
+            elif self.spare is not None:
+                binding.bind_ortvalue_output(name, self.spare[key])
+            else:
+                binding.bind_output(name, self.device, self.device_id)
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as e:  # a failure inside ORT: report it as ours, with what was fed
+            stored = mask.shape[1] - input_ids.shape[1]
+            raise PerchError(f"onnxruntime failed on input_ids {input_ids.shape} after {stored} "
+                             f"stored tokens: {str(e).strip()[:400]}") from e
+        outputs = binding.get_outputs()
+        if self.variant != "inplace":
+            if self.spare is not None:
+                self.values, self.spare = self.spare, self.values
+            else:
+                self.values = {key: v for (key, _), v in zip(self.present_names, outputs[1:])}
+        self._binding = binding
+        return outputs[0].numpy().copy()  # numpy() is a view of ORT's buffer; the caller keeps the logits
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The stored state as float32 host arrays; in-place buffers cut to the tokens stored so far."""
+        if self.device == "cpu":
+            arrays = {k: v.numpy() for k, v in self.values.items()}
+        elif self._binding is None:
+            return {k: np.zeros(v.shape(), np.float32) for k, v in self.values.items()}
+        else:  # device tensors reach the host through the binding that produced them
+            host = self._binding.copy_outputs_to_cpu()[1:]
+            arrays = {key: a for (key, _), a in zip(self.present_names, host)}
+        if self.variant == "inplace":
+            arrays = {k: a[:, :, : self.position] for k, a in arrays.items()}
+        return {k: a.astype(np.float32) for k, a in arrays.items()}
+
+    def close(self) -> None:
+        self.values, self.spare, self._binding, self.session = {}, None, None, None

@@ -16,9 +16,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+# The main job on built-in tiny presets: export to both backends, prove each artifact, generate from one.
 demo: install
-	$(VENV)/bin/perch generate falcon-tiny --prompt "The list type" --max-new-tokens 12
-	$(VENV)/bin/perch generate falcon-mamba-tiny --prompt "The list type" --max-new-tokens 12
+	rm -rf $(DEMO_DIR)
+	$(VENV)/bin/perch export falcon-tiny --to onnx --out $(DEMO_DIR)/falcon-onnx
+	$(VENV)/bin/perch check $(DEMO_DIR)/falcon-onnx
+	$(VENV)/bin/perch export falcon-mamba-tiny --to coreml --out $(DEMO_DIR)/falcon-mamba-coreml
+	$(VENV)/bin/perch check $(DEMO_DIR)/falcon-mamba-coreml
+	$(VENV)/bin/perch generate $(DEMO_DIR)/falcon-onnx --prompt "The list type" --max-new-tokens 12
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

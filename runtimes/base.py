@@ -48,10 +48,11 @@ class Runtime(ABC):
                 f"context of {self.position + t} tokens exceeds this model's max context {self.max_context}; "
                 "shorten the prompt or export with a larger --max-context"
             )
-        self.mask = np.concatenate([self.mask, attention_mask], axis=1)
+        mask = np.concatenate([self.mask, attention_mask], axis=1)
         # Left-padded rows count positions from their first real token, as transformers does.
-        positions = np.clip(np.cumsum(self.mask, axis=1) - 1, 0, None)[:, -t:]
-        logits = self._forward(ids, self.mask, positions)
+        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, -t:]
+        logits = self._forward(ids, mask, positions)
+        self.mask = mask  # only once the backend took the tokens: a failed call leaves the state consistent
         return np.asarray(logits, dtype=np.float32)
 
     def step(self, token_ids: np.ndarray) -> np.ndarray:

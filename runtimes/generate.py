@@ -51,6 +51,8 @@ def generate_ids(runtime: Runtime, prompt_ids: np.ndarray, max_new_tokens: int, 
     runtime.reset(prompt_ids.shape[0])
     logits = runtime.prefill(prompt_ids, attention_mask)[:, -1]
     done = np.zeros(prompt_ids.shape[0], dtype=bool)
+    # Stop at the artifact's context limit rather than fail after streaming half an answer.
+    max_new_tokens = min(max_new_tokens, runtime.max_context - runtime.position + 1)
     for i in range(max_new_tokens):
         tok = pick(logits, sampling, rng)
         if eos_token_id is not None:

@@ -11,6 +11,7 @@ Variants: "default" (explicit past/present tensors, optimum's naming, dynamic pa
 """
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from pathlib import Path
@@ -35,6 +36,8 @@ EXTERNAL_DATA_THRESHOLD = 256 << 20
 SAMPLE_SIZES = {"batch": 2, "sequence": 3, "context": 5}
 PREFIX = "core."  # the wrappers keep the core as `self.core`: initializer names are "core." + state-dict key
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# torch's exporter warns once per torchvision op that it cannot register; Perch never uses torchvision.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
 def export(ckpt, out_dir: str | Path, options) -> Manifest:

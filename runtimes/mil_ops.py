@@ -4,7 +4,7 @@ Each kernel takes the op's MIL parameters as keyword arguments (numpy arrays, nu
 returns an array, or a tuple for multi-output ops. Float inputs arrive as float32 even for fp16 ops; the
 executor rounds every result to the op's declared dtype, so kernels never round themselves. Kernels must
 not modify their inputs. Semantics follow coremltools/converters/mil/mil/ops/defs (iOS15..iOS18).
-Data-movement, indexing and attention kernels live in `mil_ops_tensor`, merged into `OPS` at the end.
+Data-movement, indexing and attention kernels live in `mil_ops_tensor`, registered in the same table.
 """
 from __future__ import annotations
 
@@ -13,21 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from runtimes import mil_ops_tensor
+from runtimes import mil_ops_tensor  # noqa: F401  (registers its kernels in OPS)
 
-Kernel = Callable[..., Any]
-OPS: dict[str, Kernel] = {}
-
-
-def register(*names: str) -> Callable[[Kernel], Kernel]:
-    """Register a kernel under one or more MIL op names."""
-
-    def deco(fn: Kernel) -> Kernel:
-        for name in names:
-            OPS[name] = fn
-        return fn
-
-    return deco
+from runtimes.mil_registry import OPS, Kernel, register  # noqa: F401  (OPS is the public table)
 
 
 def _axes(axes: Any, rank: int) -> tuple[int, ...] | None:
@@ -377,4 +365,3 @@ def quantize(input, scale, output_dtype, zero_point=None, axis=None):
     return np.clip(q, info.min, info.max)
 
 
-OPS.update(mil_ops_tensor.OPS)

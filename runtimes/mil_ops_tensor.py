@@ -1,27 +1,16 @@
 """Numpy kernels for MIL data-movement, indexing, convolution and attention ops (see `mil_ops`).
 
 Same contract as `mil_ops`: keyword arguments named like the MIL parameters, float inputs as float32,
-results rounded by the executor, inputs never modified. `mil_ops.OPS` merges this table.
+results rounded by the executor, inputs never modified. Kernels register in `runtimes.mil_registry.OPS`.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-Kernel = Callable[..., Any]
-OPS: dict[str, Kernel] = {}
-
-
-def register(*names: str) -> Callable[[Kernel], Kernel]:
-    def deco(fn: Kernel) -> Kernel:
-        for name in names:
-            OPS[name] = fn
-        return fn
-
-    return deco
+from runtimes.mil_registry import register
 
 
 def _ints(v: Any) -> list[int]:

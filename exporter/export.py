@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,27 +61,40 @@ def export(model: str | Path | Checkpoint, out: str | Path, options: ExportOptio
            allow_pickle: bool = False, overwrite: bool = False) -> Manifest:
     """Export `model` (a directory, a cached hub id, a preset name, or a loaded Checkpoint) into `out`."""
     out = Path(out)
-    if out.exists() and not (overwrite and out.is_dir()):
-        raise PerchError(f"output directory {out} already exists; choose a new --out or remove it first")
+    check_output(out, overwrite)
     if not isinstance(model, Checkpoint):
         # Stored dtype (dtype=None): backends cast tensor by tensor, so a bf16 7B never gets an fp32 copy.
         model = load_checkpoint(resolve_model(model), allow_pickle=allow_pickle, adapter=adapter, dtype=None)
     ckpt = model
     backend = importlib.import_module(BACKENDS[options.to])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged_output(out, overwrite) as tmp:
         manifest = backend.export(ckpt, tmp, options)
         manifest.tokenizer_files = copy_side_files(ckpt.model_dir, tmp)
         manifest.source = {**ckpt.source, **manifest.source}
         manifest.save(tmp)
+    return manifest
+
+
+def check_output(out: Path, overwrite: bool = False) -> None:
+    """Refuse an existing destination before any slow work starts."""
+    if out.exists() and not (overwrite and out.is_dir()):
+        raise PerchError(f"output directory {out} already exists; choose a new --out or remove it first")
+
+
+@contextmanager
+def staged_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary directory beside `out` that becomes `out` only when the block completes; removed otherwise."""
+    check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return manifest
 
 
 def copy_side_files(model_dir: Path, dest: Path) -> list[str]:

@@ -231,32 +231,22 @@ def quantize_artifact(src: str | Path, out: str | Path, method: str, block_size:
 
     The float weights stream from `src`'s files (external data is memory-mapped), one tensor at a time.
     """
-    import shutil
-    import tempfile
+    from exporter.export import check_output, copy_side_files, staged_output
 
     src, out = Path(src), Path(out)
     manifest = Manifest.load(src)
     if manifest.format != "onnx" or manifest.quantization.get("method", "none") != "none":
         raise PerchError(f"{src}: quantize_artifact needs an unquantized ONNX export (this one is "
                          f"{manifest.format}, quantization {manifest.quantization.get('method')})")
-    if out.exists():
-        raise PerchError(f"output directory {out} already exists; choose a new one or remove it first")
+    check_output(out)
     model = ir.load(src / manifest.model_file)
     embedding = PREFIX + SUPPORTED[manifest.arch]["embedding"]
     quant = onnx_quant.quantize(model, method, block_size, embedding=embedding)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged_output(out) as tmp:
         saved = save_model(model, tmp)
-        for name in [*manifest.tokenizer_files, "config.json", "generation_config.json"]:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
+        copy_side_files(src, tmp)
         manifest.quantization = {**quant, "size_bytes": saved["bytes"]}
         manifest.extras.update(external_data=saved["external_data"], model_bytes=saved["bytes"], files=saved["files"],
                                quantized_from=str(src))
         manifest.save(tmp)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest

@@ -15,15 +15,15 @@ import pytest
 import torch
 from torch import nn
 
-ct = pytest.importorskip("coremltools")
+import coremltools as ct
 
-from exporter import to_coreml  # noqa: E402
-from exporter.export import ExportOptions, export  # noqa: E402
-from perch.errors import PerchError  # noqa: E402
-from runtimes import mil_ops  # noqa: E402
-from runtimes.coreml import CoreMLRuntime  # noqa: E402
-from runtimes.mil_executor import MilExecutor, MilProgram  # noqa: E402
-from runtimes.reference import ReferenceRuntime  # noqa: E402
+from exporter import to_coreml
+from exporter.export import ExportOptions, export
+from perch.errors import PerchError
+from runtimes import mil_ops
+from runtimes.coreml import CoreMLRuntime
+from runtimes.mil_executor import MilExecutor, MilProgram
+from runtimes.reference import ReferenceRuntime
 
 CONTEXT = 32
 FP16_U = 2.0**-11  # fp16 unit roundoff

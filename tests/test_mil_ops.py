@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ct = pytest.importorskip("coremltools")
+import coremltools as ct
 
-from runtimes import mil_ops  # noqa: E402
-from runtimes.mil_executor import MilExecutor  # noqa: E402
+from runtimes import mil_ops
+from runtimes.mil_executor import MilExecutor
 
 
 def rel_err(got, ref) -> float:

@@ -35,6 +35,7 @@ from transformers import (
 from transformers.activations import ACT2FN
 
 from perch.errors import PerchError
+from perch.presets import cache_root
 from perch.tokenizer import (
     EOS_ID,
     build_tokenizer,
@@ -352,12 +353,6 @@ def train_fixture(arch: str, out_dir: str | Path, *, steps: int | None = None, s
     }
     (out / "fixture.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
-
-
-def cache_root() -> Path:
-    """`$PERCH_CACHE`, or `~/.cache/perch`."""
-    env = os.environ.get("PERCH_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "perch"
 
 
 def fixture_dir(arch: str, *, steps: int | None = None, seed: int = 0) -> Path:

@@ -68,7 +68,9 @@ PRESETS: dict[str, Preset] = {
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("PERCH_CACHE") or Path.home() / ".cache" / "perch")
+    """Where presets, fixtures and other built things are cached: `$PERCH_CACHE`, or `~/.cache/perch`."""
+    env = os.environ.get("PERCH_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "perch"
 
 
 def make_config(name: str):

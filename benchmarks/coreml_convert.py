@@ -66,8 +66,8 @@ def truncated_preset(preset: str, layers: int, work: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from perch.presets import get, make_config
-    from perch.tokenizer import build_tokenizer, save_tokenizer
+    from perch.dev.presets import get, make_config
+    from perch.dev.tokenizer import build_tokenizer, save_tokenizer
 
     p, config = get(preset), make_config(preset)
     config.num_hidden_layers = layers
@@ -87,9 +87,9 @@ def child(preset: str, precision: str, max_context: int | None, work: Path, mode
     """One conversion in this process; returns its measurements."""
     import torch
 
-    from exporter.export import ExportOptions, export
+    from perch.exporter.export import ExportOptions, export
     from perch.loading import load_checkpoint
-    from perch.presets import preset_dir
+    from perch.dev.presets import preset_dir
 
     t0 = time.perf_counter()
     # dtype None keeps the stored dtype (bf16 for full-size presets, memory-mapped): no fp32 copy.

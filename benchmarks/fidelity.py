@@ -3,7 +3,7 @@
 For each artifact, against transformers fp32 on the same weights: KL(ref || artifact) and top-1 agreement
 over held-out text (teacher-forced), the perplexity change on that text, and the greedy match length from
 a prompt. Random weights give flat logits, so their numbers say little about a quantizer; the trained
-fixtures (perch.fixtures) show what a real model would see.
+fixtures (perch.dev.fixtures) show what a real model would see.
 
 Usage: OMP_NUM_THREADS=1 python benchmarks/fidelity.py [--tokens 128] [--json benchmarks/results/fidelity.json]
 (trains the two fixtures on first use, ~3 CPU-minutes each).
@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
-from exporter.export import ExportOptions, export  # noqa: E402
-from perch.fixtures import fixture_dir  # noqa: E402
+from perch.exporter.export import ExportOptions, export  # noqa: E402
+from perch.dev.fixtures import fixture_dir  # noqa: E402
 from perch.loading import load_checkpoint  # noqa: E402
-from perch.tokenizer import split_corpus  # noqa: E402
-from runtimes import open_artifact  # noqa: E402
-from runtimes.reference import ReferenceRuntime  # noqa: E402
-from validate.metrics import greedy_match_length, log_softmax, row_kl, row_top1  # noqa: E402
+from perch.dev.tokenizer import split_corpus  # noqa: E402
+from perch.runtimes import open_artifact  # noqa: E402
+from perch.runtimes.pytorch.reference import ReferenceRuntime  # noqa: E402
+from perch.validate.metrics import greedy_match_length, log_softmax, row_kl, row_top1  # noqa: E402
 
 CASES = [("onnx", "fp32", "none"), ("onnx", "fp16", "none"), ("onnx", "fp32", "int8"), ("onnx", "fp32", "int4"),
          ("coreml", "fp16", "none"), ("coreml", "fp16", "int8"), ("coreml", "fp16", "int4"),

@@ -1,7 +1,7 @@
 """Decode speed of the fast CUDA reference (validate/gpu_reference.py) beside transformers, on full-size presets.
 
 Random weights in bf16, batch 1, built directly on the GPU (no checkpoint on disk); both paths share the
-same weight tensors and run behind the same Runtime step API, timed by `validate.speed.measure` (warm-up,
+same weight tensors and run behind the same Runtime step API, timed by `perch.validate.speed.measure` (warm-up,
 median of repeats). Also prints how far the fast path's logits are from transformers' on the same tokens.
 Targets (issue 5): Falcon-7B <= 8 ms/token (transformers ~26 ms), Falcon-Mamba-7B <= 10 ms/token
 (transformers ~127 ms); the bandwidth floor is ~4.6 ms (GPU.md).
@@ -33,9 +33,9 @@ def build(preset: str, max_context: int, device: str = "cuda"):
 
     from perch.archs import detect_arch
     from perch.loading import Checkpoint
-    from perch.presets import make_config
-    from runtimes.reference import ReferenceRuntime
-    from validate.gpu_reference import FastFalcon, FastFalconMamba, open_gpu_reference
+    from perch.dev.presets import make_config
+    from perch.runtimes.pytorch.reference import ReferenceRuntime
+    from perch.runtimes.pytorch.fast import FastFalcon, FastFalconMamba, open_gpu_reference
 
     config, dtype = make_config(preset), torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -53,8 +53,8 @@ def build(preset: str, max_context: int, device: str = "cuda"):
 
 def parity(hf, fast, ids: np.ndarray, steps: int) -> dict:
     """Teacher-forced agreement of the fast path with transformers (both bf16): prefill, then `steps` tokens."""
-    from validate.runner import check
-    from validate.tolerances import Tolerances
+    from perch.validate.runner import check
+    from perch.validate.tolerances import Tolerances
 
     report = check(fast, hf, [ids.tolist()], max_new_tokens=steps, tolerances=Tolerances("bf16-info", *([None] * 9)))
     keep = ("max_abs", "rel_l2", "cosine", "mean_kl", "top1", "greedy_match")
@@ -62,7 +62,7 @@ def parity(hf, fast, ids: np.ndarray, steps: int) -> dict:
 
 
 def run_preset(preset: str, prompt: int, steps: int, repeats: int, device: str = "cuda") -> dict:
-    from validate.speed import compare, measure
+    from perch.validate.speed import compare, measure
 
     t0 = time.time()
     hf, fast, ckpt = build(preset, max_context=prompt + steps + 8, device=device)

@@ -1,6 +1,6 @@
 """Measure the fidelity of correct exports at each precision, to set validate/tolerances.py defaults.
 
-Trained fixtures (perch.fixtures, flat random logits say nothing about quantization), Perch's own eager
+Trained fixtures (perch.dev.fixtures, flat random logits say nothing about quantization), Perch's own eager
 module with weights round-tripped through each quantization scheme (the schemes the exporters use) against
 transformers fp32. Prints one row per (arch, precision) and, for comparison, the same numbers for
 deliberately broken models. Usage: OMP_NUM_THREADS=1 python benchmarks/measure_tolerances.py [--json OUT]
@@ -17,13 +17,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
-from exporter.eager import EagerRuntime  # noqa: E402
-from perch.fixtures import fixture_dir  # noqa: E402
+from perch.runtimes.pytorch.eager import EagerRuntime  # noqa: E402
+from perch.dev.fixtures import fixture_dir  # noqa: E402
 from perch.loading import Checkpoint, load_checkpoint  # noqa: E402
-from runtimes.reference import ReferenceRuntime  # noqa: E402
-from validate.artifact import DEFAULT_PROMPTS, tokenize  # noqa: E402
-from validate.runner import check  # noqa: E402
-from validate.tolerances import Tolerances, tolerance_for_precision  # noqa: E402
+from perch.runtimes.pytorch.reference import ReferenceRuntime  # noqa: E402
+from perch.validate.artifact import DEFAULT_PROMPTS, tokenize  # noqa: E402
+from perch.validate.runner import check  # noqa: E402
+from perch.validate.tolerances import Tolerances, tolerance_for_precision  # noqa: E402
 
 EXTRA_PROMPTS = (
     "The import statement is used to",
@@ -121,8 +121,8 @@ ARTIFACTS = (("onnx", "fp32", "none"), ("onnx", "fp16", "none"), ("onnx", "fp32"
 
 def artifacts(ckpt: Checkpoint, ctx: int, tmp: Path) -> dict:
     """name -> factory exporting the fixture with the real exporter and opening it with its runtime."""
-    from exporter.export import ExportOptions, export
-    from runtimes import open_artifact
+    from perch.exporter.export import ExportOptions, export
+    from perch.runtimes import open_artifact
 
     def make(fmt, dtype, quant):
         out = tmp / f"{ckpt.arch}-{fmt}-{dtype}-{quant}"

@@ -45,9 +45,9 @@ def _peak_mb() -> int:
 
 
 def child_export(preset: str, name: str, max_context: int, work: Path) -> dict:
-    from exporter.export import ExportOptions, export
+    from perch.exporter.export import ExportOptions, export
     from perch.loading import load_checkpoint
-    from perch.presets import preset_dir
+    from perch.dev.presets import preset_dir
 
     t0 = time.perf_counter()
     ckpt = load_checkpoint(preset_dir(preset), dtype=None)  # stored dtype, memory-mapped: no extra copy
@@ -62,13 +62,13 @@ def child_run(preset: str, name: str, work: Path, threads: int, prompt: int, ste
     if name == "reference":
         import torch
 
-        from perch.presets import preset_dir
-        from runtimes.reference import ReferenceRuntime
+        from perch.dev.presets import preset_dir
+        from perch.runtimes.pytorch.reference import ReferenceRuntime
 
         torch.set_num_threads(threads)
         rt = ReferenceRuntime(preset_dir(preset))
     else:  # no torch in this process: its RSS is what a deployment needs
-        from runtimes.onnxrt import OnnxRuntime
+        from perch.runtimes.onnxrt import OnnxRuntime
 
         rt = OnnxRuntime(work / name, threads=threads)
     rng = np.random.default_rng(0)
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child_run(args.preset, args.only[0], Path(args.work), args.threads, args.prompt,
                                    args.steps, args.repeats)))
         return 0
-    from perch.presets import get, preset_dir
+    from perch.dev.presets import get, preset_dir
 
     if get(args.preset).arch != "falcon" and "onnx-int4-inplace" in args.only:
         args.only.remove("onnx-int4-inplace")  # Falcon-Mamba's state is fixed-size: no separate variant

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from exporter.export import ExportOptions, export
+from perch.exporter.export import ExportOptions, export
 from perch.cli import main as perch_main
 from perch.errors import PerchError
 from perch.spec import Manifest

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporter.export import ExportOptions, export
+from perch.exporter.export import ExportOptions, export
 from perch.cli import main as perch_main
 from perch.errors import PerchError
-from perch.presets import resolve_model
-from runtimes import open_artifact
+from perch.dev.presets import resolve_model
+from perch.runtimes import open_artifact
 
 # The projections QLoRA recipes target, per architecture.
 TARGETS = {"falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],

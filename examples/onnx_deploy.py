@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter.export import ExportOptions, export
+from perch.exporter.export import ExportOptions, export
 from perch.errors import PerchError
-from runtimes import open_artifact
+from perch.runtimes import open_artifact
 
 PRECISIONS = {"fp16": dict(dtype="fp16"), "int4": dict(dtype="fp32", quantize="int4"), "fp32": dict(dtype="fp32")}
 

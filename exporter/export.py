@@ -14,10 +14,10 @@ from pathlib import Path
 
 from perch.errors import PerchError
 from perch.loading import Checkpoint, load_checkpoint
-from perch.presets import resolve_model
+from perch.dev.presets import resolve_model
 from perch.spec import Manifest
 
-BACKENDS = {"onnx": "exporter.to_onnx", "coreml": "exporter.to_coreml"}
+BACKENDS = {"onnx": "perch.exporter.to_onnx", "coreml": "perch.exporter.to_coreml"}
 QUANTIZE = {"onnx": ("none", "int8", "int4"), "coreml": ("none", "int8", "int4", "palettize4")}
 # What a runtime needs next to the model: the tokenizer and the HF config (generation settings included).
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

@@ -16,7 +16,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from exporter import falcon
+from perch.archs import falcon
 from perch.spec import ModelIO
 
 # The optional GroupQueryAttention inputs between the required ones and attention_bias (opset com.microsoft 1):

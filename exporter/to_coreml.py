@@ -2,7 +2,7 @@
 
 Pipeline: the architecture's `Stateful` module (fp16 state buffers updated in place) -> torch.jit.trace ->
 ct.convert with fp16 `StateType`s and a ranged query length -> optional weight compression
-(`exporter.coreml_compress`) -> metadata -> `model.mlpackage`. With `multifunction`, the same trace is
+(`perch.exporter.coreml_compress`) -> metadata -> `model.mlpackage`. With `multifunction`, the same trace is
 converted twice (prefill: ranged length; decode: one token) and merged; `save_multifunction` then stores
 each shared weight once, and both functions read and write the same states.
 
@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from exporter.coreml_compress import apply_compression, plan_compression
-from exporter.export import ExportOptions
-from exporter.registry import arch_module
+from perch.exporter.coreml_compress import apply_compression, plan_compression
+from perch.exporter.export import ExportOptions
+from perch.archs import arch_module
 from perch.errors import PerchError
 from perch.loading import Checkpoint
 from perch.spec import Manifest

@@ -19,8 +19,8 @@ from pathlib import Path
 import onnx_ir as ir
 import torch
 
-from exporter import onnx_quant
-from exporter.registry import arch_module
+from perch.exporter import onnx_quant
+from perch.archs import arch_module
 from perch.archs import SUPPORTED
 from perch.errors import PerchError
 from perch.spec import Manifest, ModelIO
@@ -43,7 +43,7 @@ logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(loggin
 def export(ckpt, out_dir: str | Path, options) -> Manifest:
     """Write `out_dir/model.onnx` (+ `model.onnx.data` when large) for `ckpt`; return its Manifest.
 
-    `options` is an `exporter.export.ExportOptions` (dtype, quantize, block_size, max_context, variant).
+    `options` is an `perch.exporter.export.ExportOptions` (dtype, quantize, block_size, max_context, variant).
     """
     t0 = time.perf_counter()
     max_context = options.context_for(ckpt.config)
@@ -79,7 +79,7 @@ def build_graph(ckpt, max_context: int, dtype: torch.dtype, variant: str = "defa
     core = mod.build(ckpt.config, stand_in_weights(ckpt.state_dict, dtype), max_context, scan="scan")
     translations = {}
     if variant == "inplace":
-        from exporter import onnx_gqa
+        from perch.exporter import onnx_gqa
 
         io = onnx_gqa.inplace_io(io, max_context)
         wrapper, translations = onnx_gqa.FalconInplace(core), onnx_gqa.TRANSLATIONS
@@ -231,7 +231,7 @@ def quantize_artifact(src: str | Path, out: str | Path, method: str, block_size:
 
     The float weights stream from `src`'s files (external data is memory-mapped), one tensor at a time.
     """
-    from exporter.export import check_output, copy_side_files, staged_output
+    from perch.exporter.export import check_output, copy_side_files, staged_output
 
     src, out = Path(src), Path(out)
     manifest = Manifest.load(src)

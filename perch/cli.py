@@ -17,7 +17,7 @@ from perch.errors import CheckFailed, PerchError
 def cmd_export(a: argparse.Namespace) -> int:
     if a.list:
         from perch.archs import describe_supported
-        from perch.presets import describe
+        from perch.dev.presets import describe
 
         print(describe_supported())
         print()
@@ -25,7 +25,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         return 0
     if not a.model or not a.to or not a.out:
         raise PerchError("perch export needs MODEL, --to and --out (or --list); see `perch export --help`")
-    from exporter.export import ExportOptions, export
+    from perch.exporter.export import ExportOptions, export
 
     opts = ExportOptions(to=a.to, dtype=a.dtype or a.compute_precision or "fp32", quantize=a.quantize,
                          block_size=a.block_size, max_context=a.max_context,
@@ -37,7 +37,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from runtimes.generate import Sampling, generate_text
+    from perch.runtimes.generate import Sampling, generate_text
 
     runtime, tokenizer = open_for_generation(a.model, a.device, a.allow_pickle, a.adapter)
     sampling = Sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
@@ -52,14 +52,14 @@ def open_for_generation(model: str, device: str, allow_pickle: bool, adapter: st
     """An exported artifact directory runs in its runtime; a checkpoint or preset runs in transformers."""
     from transformers import AutoTokenizer
 
-    from perch.presets import resolve_model
+    from perch.dev.presets import resolve_model
     from perch.spec import MANIFEST_NAME
 
     if (Path(model) / MANIFEST_NAME).is_file():
-        from runtimes import open_artifact
+        from perch.runtimes import open_artifact
 
         return open_artifact(model, device=device), AutoTokenizer.from_pretrained(model)
-    from runtimes.reference import ReferenceRuntime
+    from perch.runtimes.pytorch.reference import ReferenceRuntime
 
     path = resolve_model(model)
     runtime = ReferenceRuntime(path, device=device, allow_pickle=allow_pickle, adapter=adapter)
@@ -67,7 +67,7 @@ def open_for_generation(model: str, device: str, allow_pickle: bool, adapter: st
 
 
 def cmd_check(a: argparse.Namespace) -> int:
-    from validate.runner import check_artifact
+    from perch.validate.runner import check_artifact
 
     report = check_artifact(a.artifact, reference=a.reference, prompts=a.prompts, max_new_tokens=a.max_new_tokens,
                             device=a.device, reference_dtype=a.reference_dtype, speed=a.speed,
@@ -82,7 +82,7 @@ def cmd_check(a: argparse.Namespace) -> int:
 
 
 def cmd_train_fixture(a: argparse.Namespace) -> int:
-    from perch.fixtures import train_fixture
+    from perch.dev.fixtures import train_fixture
 
     info = train_fixture(a.arch, a.out, steps=a.steps, seed=a.seed, minutes=a.minutes)
     print(json.dumps(info, indent=2))
@@ -90,7 +90,7 @@ def cmd_train_fixture(a: argparse.Namespace) -> int:
 
 
 def cmd_presets(a: argparse.Namespace) -> int:
-    from perch.presets import describe, preset_dir
+    from perch.dev.presets import describe, preset_dir
 
     if a.materialize:
         print(preset_dir(a.materialize))

@@ -11,11 +11,11 @@ def open_artifact(path: str | Path, *, device: str = "cpu", **options):
     """A Runtime for a directory written by `perch export`, chosen by its manifest's format."""
     manifest = Manifest.load(path)
     if manifest.format == "onnx":
-        from runtimes.onnxrt import OnnxRuntime
+        from perch.runtimes.onnxrt import OnnxRuntime
 
         return OnnxRuntime(path, device=device, **options)
     if manifest.format == "coreml":
-        from runtimes.coreml import CoreMLRuntime
+        from perch.runtimes.coreml import CoreMLRuntime
 
         return CoreMLRuntime(path, **options)
     raise PerchError(f"{path}: manifest format {manifest.format!r} is not one Perch runs (onnx, coreml)")

@@ -14,9 +14,9 @@ import numpy as np
 
 from perch.errors import PerchError
 from perch.spec import Manifest
-from runtimes.base import Runtime
+from perch.runtimes.base import Runtime
 
-# Same value as exporter.falcon.MASK_MIN (runtimes never import exporter): exp() underflows, fp16 holds it.
+# Same value as perch.archs.falcon.MASK_MIN (runtimes never import exporter): exp() underflows, fp16 holds it.
 MASK_MIN = -1.0e4
 ENGINES = ("auto", "coremltools", "perch")
 
@@ -29,12 +29,12 @@ def causal_mask(mask: np.ndarray, query_len: int) -> np.ndarray:
 
 
 class _PerchEngine:
-    """Perch's numpy executor (runtimes.mil_executor): any OS, fp16 rounding per op."""
+    """Perch's numpy executor (perch.runtimes.mil.executor): any OS, fp16 rounding per op."""
 
     name = "perch-mil"
 
     def __init__(self, package: Path, functions: list[str]):
-        from runtimes.mil_executor import MilExecutor, MilProgram
+        from perch.runtimes.mil.executor import MilExecutor, MilProgram
 
         program = MilProgram.load(package)
         self.functions = {f: MilExecutor(program, f) for f in functions}

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from perch.errors import PerchError
-from runtimes.base import Runtime
+from perch.runtimes.base import Runtime
 
 
 @dataclass(frozen=True)

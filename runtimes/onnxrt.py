@@ -19,7 +19,7 @@ import numpy as np
 
 from perch.errors import PerchError
 from perch.spec import Manifest, ModelIO
-from runtimes.base import Runtime, model_inputs
+from perch.runtimes.base import Runtime, model_inputs
 
 ORT_TYPES = {"tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(float)": "float32",
              "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16"}

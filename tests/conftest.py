@@ -16,7 +16,7 @@ TINY_PRESETS = ("falcon-tiny", "falcon40b-tiny", "falcon-mamba-tiny")
 def load_preset():
     """name -> Checkpoint, loaded through the real loader from the preset's save_pretrained directory."""
     from perch.loading import load_checkpoint
-    from perch.presets import preset_dir
+    from perch.dev.presets import preset_dir
 
     cache = {}
 

@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from perch.errors import PerchError
-from perch.lora import merge_adapter
-from perch.loading import build_hf_model, load_checkpoint, load_config, load_state_dict
+from perch.loading.lora import merge_adapter
+from perch.loading.checkpoint import build_hf_model, load_checkpoint, load_config, load_state_dict
 
 from tests.tiny_models import logits, make_model
 

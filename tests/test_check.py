@@ -10,19 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.eager import EagerRuntime
-from exporter.registry import ARCH_MODULES
+from perch.runtimes.pytorch.eager import EagerRuntime
+from perch.archs import ARCH_MODULES
 from perch.errors import PerchError
 from perch.loading import Checkpoint
-from perch.presets import PRESETS
+from perch.dev.presets import PRESETS
 from perch.spec import Manifest
-from runtimes.reference import ReferenceRuntime
-from validate import metrics
-from validate.bisect import bisect
-from validate.gpu_reference import FastFalcon, FastFalconMamba, open_gpu_reference
-from validate.report import validate_report, write_report
-from validate.runner import check
-from validate.tolerances import DEFAULTS, loosest, precision_of, tolerance_for, tolerance_for_precision
+from perch.runtimes.pytorch.reference import ReferenceRuntime
+from perch.validate import metrics
+from perch.validate.bisect import bisect
+from perch.runtimes.pytorch.fast import FastFalcon, FastFalconMamba, open_gpu_reference
+from perch.validate.report import validate_report, write_report
+from perch.validate.runner import check
+from perch.validate.tolerances import DEFAULTS, loosest, precision_of, tolerance_for, tolerance_for_precision
 
 CTX = 64
 N_NEW = 6
@@ -236,8 +236,8 @@ def test_metrics_are_stable_and_exact():
 
 
 def _manifest(dtype: str, method: str, state_dtype: str) -> Manifest:
-    from exporter.falcon import io_spec
-    from perch.presets import make_config
+    from perch.archs.falcon import io_spec
+    from perch.dev.presets import make_config
 
     io = io_spec(make_config("falcon-tiny"), 64, state_dtype=state_dtype)
     return Manifest(format="onnx", arch="falcon", io=io, hf_config={}, max_context=64, dtype=dtype,
@@ -281,7 +281,7 @@ def test_nan_logits_fail_every_metric(setup):
 
 def test_input_errors_are_perch_errors(tmp_path):
     from perch.cli import main
-    from validate.artifact import load_prompts
+    from perch.validate.artifact import load_prompts
 
     assert main(["check", str(tmp_path / "missing")]) == 2  # no manifest: a usage error, exit 2
     with pytest.raises(PerchError, match="cannot read"):
@@ -297,7 +297,7 @@ def test_input_errors_are_perch_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def onnx_artifact(tmp_path_factory):
-    from exporter.export import ExportOptions, export
+    from perch.exporter.export import ExportOptions, export
 
     out = tmp_path_factory.mktemp("onnx") / "falcon-tiny"
     export("falcon-tiny", out, ExportOptions(to="onnx", max_context=CTX))

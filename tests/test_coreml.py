@@ -17,13 +17,13 @@ from torch import nn
 
 import coremltools as ct
 
-from exporter import to_coreml
-from exporter.export import ExportOptions, export
+from perch.exporter import to_coreml
+from perch.exporter.export import ExportOptions, export
 from perch.errors import PerchError
-from runtimes import mil_ops
-from runtimes.coreml import CoreMLRuntime
-from runtimes.mil_executor import MilExecutor, MilProgram
-from runtimes.reference import ReferenceRuntime
+from perch.runtimes.mil import ops as mil_ops
+from perch.runtimes.coreml import CoreMLRuntime
+from perch.runtimes.mil.executor import MilExecutor, MilProgram
+from perch.runtimes.pytorch.reference import ReferenceRuntime
 
 CONTEXT = 32
 FP16_U = 2.0**-11  # fp16 unit roundoff
@@ -86,7 +86,7 @@ def reference(load_preset):
 
 
 def test_every_registered_architecture_is_tested():
-    from exporter.registry import ARCH_MODULES
+    from perch.archs import ARCH_MODULES
 
     assert set(ARCH_OF.values()) == set(ARCH_MODULES)
 

@@ -67,7 +67,7 @@ def test_onnx_deploy(model, onnx_dir):
 
 def optimum_python() -> str:
     """The optimum environment's interpreter, built once (about 3 minutes) and reused from the cache."""
-    from perch.presets import cache_root
+    from perch.dev.presets import cache_root
 
     venv = cache_root() / "optimum-venv"
     py = venv / "bin" / "python"

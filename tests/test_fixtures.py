@@ -43,7 +43,7 @@ def test_tokenizer_loads_with_autotokenizer_and_round_trips(tmp_path):
 
 def test_tokenizer_is_deterministic_across_processes():
     here = hashlib.sha256(tokenizer._build_tokenizer_json.__wrapped__(512).encode()).hexdigest()
-    code = ("import hashlib; from perch.tokenizer import build_tokenizer; "
+    code = ("import hashlib; from perch.dev.tokenizer import build_tokenizer; "
             "print(hashlib.sha256(build_tokenizer(512).to_str().encode()).hexdigest())")
     # A fresh process has a different hash seed and thread timing: the vocab must not depend on them.
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

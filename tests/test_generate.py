@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from exporter.eager import EagerRuntime
-from runtimes.generate import Sampling, generate_ids, generate_text, pick
+from perch.runtimes.pytorch.eager import EagerRuntime
+from perch.runtimes.generate import Sampling, generate_ids, generate_text, pick
 
 
 def test_top_k_and_top_p_restrict_the_support():

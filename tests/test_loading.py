@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, FalconConfig, FalconMambaConfig, 
 
 from perch.archs import SUPPORTED, describe_supported, detect_arch, falcon_layout, falcon_variant
 from perch.errors import PerchError, UnsupportedModel
-from perch.loading import (build_hf_model, load_checkpoint, load_config, load_state_dict,
+from perch.loading.checkpoint import (build_hf_model, load_checkpoint, load_config, load_state_dict,
                            resolve_model_dir)
 from tests.tiny_models import FALCON, MAMBA, TINY, copy_model, edit_config, logits
 
@@ -53,7 +53,7 @@ def test_falcon_layout_resolves_transformers_rules():
 
 def test_rotary_buffers_without_transformers_init():
     """The fallback for transformers versions whose _init_weights leaves rotary buffers alone."""
-    from perch.loading import _rebuild_buffers
+    from perch.loading.checkpoint import _rebuild_buffers
 
     config = FalconConfig(**FALCON)
     with torch.device("meta"):

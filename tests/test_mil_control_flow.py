@@ -8,7 +8,7 @@ from torch import nn
 
 import coremltools as ct
 
-from runtimes.mil_executor import MilExecutor
+from perch.runtimes.mil.executor import MilExecutor
 
 D, HEADS, VOCAB, MAX_T = 32, 4, 50, 16
 FP16_U = 2.0**-11  # fp16 unit roundoff

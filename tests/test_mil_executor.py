@@ -15,8 +15,8 @@ import coremltools as ct
 import coremltools.optimize.coreml as cto
 
 from perch.errors import PerchError
-from runtimes import mil_ops
-from runtimes.mil_executor import MilExecutor, MilProgram
+from perch.runtimes.mil import ops as mil_ops
+from perch.runtimes.mil.executor import MilExecutor, MilProgram
 
 D, HEADS, VOCAB, MAX_T = 32, 4, 50, 16
 FP16_U = 2.0**-11  # fp16 unit roundoff

@@ -14,8 +14,8 @@ from torch import nn
 
 import coremltools as ct
 
-from runtimes import mil_ops
-from runtimes.mil_executor import MilExecutor
+from perch.runtimes.mil import ops as mil_ops
+from perch.runtimes.mil.executor import MilExecutor
 
 
 def rel_err(got, ref) -> float:

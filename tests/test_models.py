@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.eager import EagerRuntime
-from exporter.registry import ARCH_MODULES, arch_module
-from perch.presets import PRESETS
-from runtimes.reference import ReferenceRuntime
+from perch.runtimes.pytorch.eager import EagerRuntime
+from perch.archs import ARCH_MODULES, arch_module
+from perch.dev.presets import PRESETS
+from perch.runtimes.pytorch.reference import ReferenceRuntime
 from tests.conftest import TINY_PRESETS
 
 TOL = 1e-4
@@ -125,6 +125,6 @@ def test_stateful_front_end_matches_transformers(load_preset, name):
 
 
 def additive(t: int, end: int) -> torch.Tensor:
-    from exporter.falcon import additive_mask
+    from perch.archs.falcon import additive_mask
 
     return additive_mask(torch.ones(1, end, dtype=torch.long), t)

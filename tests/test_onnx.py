@@ -17,13 +17,13 @@ import numpy as np
 import onnx
 import pytest
 
-from exporter import to_onnx
-from exporter.export import ExportOptions, export
+from perch.exporter import to_onnx
+from perch.exporter.export import ExportOptions, export
 from perch.errors import PerchError
-from perch.presets import PRESETS
+from perch.dev.presets import PRESETS
 from perch.spec import Manifest
-from runtimes.onnxrt import OnnxRuntime
-from runtimes.reference import ReferenceRuntime
+from perch.runtimes.onnxrt import OnnxRuntime
+from perch.runtimes.pytorch.reference import ReferenceRuntime
 from tests.conftest import TINY_PRESETS
 
 MAX_CONTEXT = 64
@@ -49,7 +49,7 @@ EXTERNAL = ("falcon40b-tiny", "fp32")  # exported with the external-data thresho
 
 
 def test_every_registered_arch_is_exported_here():
-    from exporter.registry import ARCH_MODULES
+    from perch.archs import ARCH_MODULES
 
     assert {PRESETS[p].arch for p in TINY_PRESETS} == set(ARCH_MODULES)
 
@@ -306,6 +306,6 @@ def test_cuda_without_onnxruntime_gpu(artifacts):
 
 
 def test_onnx_runtime_never_imports_exporter():
-    code = ("import sys, runtimes.onnxrt; bad = [m for m in sys.modules if m.split('.')[0] == 'exporter'];"
+    code = ("import sys, perch.runtimes.onnxrt; bad = [m for m in sys.modules if m.split('.')[0] == 'exporter'];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

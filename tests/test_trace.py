@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.registry import arch_module
-from runtimes.base import empty_state, model_inputs
+from perch.archs import arch_module
+from perch.runtimes.base import empty_state, model_inputs
 from tests.conftest import TINY_PRESETS
 
 

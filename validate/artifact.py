@@ -11,7 +11,7 @@ from pathlib import Path
 
 from perch.errors import PerchError
 from perch.spec import Manifest
-from validate.tolerances import Tolerances, precision_of, tolerance_for
+from perch.validate.tolerances import Tolerances, precision_of, tolerance_for
 
 # English prompts on the tiny tokenizer's corpus (Python's help text), so trained fixtures see familiar text.
 DEFAULT_PROMPTS = (
@@ -27,7 +27,7 @@ class CheckSession:
     """The opened pieces of one check; `close()` releases both runtimes."""
 
     manifest: Manifest
-    artifact: object  # runtimes.base.Runtime
+    artifact: object  # perch.runtimes.base.Runtime
     reference: object
     prompt_ids: list[list[int]]
     prompt_texts: list[str]
@@ -114,7 +114,7 @@ def open_reference(model: str, adapter: str | None, *, device: str, reference_dt
     import torch
 
     from perch.loading import load_checkpoint
-    from perch.presets import resolve_model
+    from perch.dev.presets import resolve_model
 
     if reference_dtype not in REFERENCE_DTYPES:
         raise PerchError(f"--reference-dtype {reference_dtype!r}: choose one of {', '.join(REFERENCE_DTYPES)}")
@@ -126,15 +126,15 @@ def open_reference(model: str, adapter: str | None, *, device: str, reference_dt
     ckpt = load_checkpoint(resolve_model(model), allow_pickle=allow_pickle, adapter=adapter, dtype=load_dtype)
     info = {"model": str(model), "path": str(ckpt.model_dir), "device": device, "dtype": reference_dtype}
     if reference_dtype in ("bnb8", "bnb4"):
-        from validate.gpu_reference import bnb_reference
+        from perch.runtimes.pytorch.fast import bnb_reference
 
         rt = bnb_reference(ckpt, bits=8 if reference_dtype == "bnb8" else 4, max_context=max_context)
     elif device == "cuda":
-        from validate.gpu_reference import open_gpu_reference
+        from perch.runtimes.pytorch.fast import open_gpu_reference
 
         rt = open_gpu_reference(ckpt, dtype=load_dtype, max_context=max_context)
     else:
-        from runtimes.reference import ReferenceRuntime
+        from perch.runtimes.pytorch.reference import ReferenceRuntime
 
         rt = ReferenceRuntime(ckpt, device=device, dtype=load_dtype, max_context=max_context)
     info["runtime"] = rt.name
@@ -144,7 +144,7 @@ def open_reference(model: str, adapter: str | None, *, device: str, reference_dt
 def open_check(path: str | Path, *, reference: str | None, prompts: str | Path | None, max_new_tokens: int,
                device: str, reference_dtype: str, tolerances: Tolerances | None) -> CheckSession:
     """Open everything `check()` needs for the artifact at `path`, failing early with PerchError."""
-    from runtimes import open_artifact
+    from perch.runtimes import open_artifact
 
     if max_new_tokens < 1:
         raise PerchError(f"--max-new-tokens {max_new_tokens}: must be at least 1")

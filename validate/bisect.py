@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from validate.tolerances import tolerance_for_precision
+from perch.validate.tolerances import tolerance_for_precision
 
 _TINY = 1e-30
 
@@ -168,7 +168,7 @@ def _message(found: dict, own: bool, fmt: str) -> str:
 
 
 def _rebuild(checkpoint, max_context: int):
-    from exporter.eager import EagerRuntime
+    from perch.runtimes.pytorch.eager import EagerRuntime
 
     if checkpoint is None:
         raise ValueError("bisect of an artifact without its own module needs the source checkpoint")

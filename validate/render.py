@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from validate.report import CheckReport, _fmt
+from perch.validate.report import CheckReport, _fmt
 
 # (overall key, label, tolerance field, True if the limit is an upper bound)
 ROWS = (

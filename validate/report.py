@@ -93,7 +93,7 @@ class CheckReport:
 
     artifact: dict
     reference: dict
-    tolerances: object  # validate.tolerances.Tolerances
+    tolerances: object  # perch.validate.tolerances.Tolerances
     max_new_tokens: int
     prompts: list[PromptResult]
     overall: dict
@@ -148,7 +148,7 @@ class CheckReport:
 
     def summary(self) -> str:
         """A one-screen terminal summary: verdict, worst values against limits, failures, speed, bisect."""
-        from validate.render import summary_text
+        from perch.validate.render import summary_text
 
         return summary_text(self)
 
@@ -191,7 +191,7 @@ def validate_report(data: dict) -> None:
 
 def write_report(report: CheckReport, directory: str | Path) -> dict[str, Path]:
     """Write report.json, report.md and the PNG plots into `directory`; returns {kind: path}."""
-    from validate.render import markdown, plot_errors, plot_speed
+    from perch.validate.render import markdown, plot_errors, plot_speed
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from validate import metrics
-from validate.report import CheckReport, Failure, PromptResult, write_report
-from validate.tolerances import Tolerances
+from perch.validate import metrics
+from perch.validate.report import CheckReport, Failure, PromptResult, write_report
+from perch.validate.tolerances import Tolerances
 
 # per-step metric -> (row function, True if the limit is an upper bound), in report order
 STEP_METRICS = {
@@ -177,7 +177,7 @@ def check(artifact_runtime, reference_runtime, prompts: Sequence[Sequence[int]],
 
     Returns a CheckReport holding per-step metrics for every prompt, the state divergence after the run,
     the greedy continuations, every failure (`report.failures`) and the first drifting step. With
-    `speed`, both runtimes are also timed on the first prompt (`validate.speed.measure`).
+    `speed`, both runtimes are also timed on the first prompt (`perch.validate.speed.measure`).
     """
     if not prompts:
         raise ValueError("check() needs at least one prompt")
@@ -207,7 +207,7 @@ def check(artifact_runtime, reference_runtime, prompts: Sequence[Sequence[int]],
 
 
 def _add_speed(report: CheckReport, art, ref, ids: np.ndarray, tol: Tolerances, options: dict) -> None:
-    from validate.speed import compare, measure
+    from perch.validate.speed import compare, measure
 
     room = min(art.max_context, ref.max_context) - len(ids)  # decode as far as both contexts allow, up to 32
     options = {"decode_tokens": max(1, min(32, room)), **options}
@@ -227,7 +227,7 @@ def check_artifact(path: str | Path, *, reference: str | None = None, prompts: s
     Raises PerchError for bad input (missing artifact, reference or prompts file; exit 2). A fidelity or
     speed failure does not raise: the CLI reads `report.passed` and raises CheckFailed (exit 1).
     """
-    from validate.artifact import open_check
+    from perch.validate.artifact import open_check
 
     session = open_check(path, reference=reference, prompts=prompts, max_new_tokens=max_new_tokens, device=device,
                          reference_dtype=reference_dtype, tolerances=tolerances)
@@ -238,7 +238,7 @@ def check_artifact(path: str | Path, *, reference: str | None = None, prompts: s
         report.artifact.update(session.artifact_info)
         report.reference.update(session.reference_info)
         if bisect and not report.passed:
-            from validate.bisect import bisect_report
+            from perch.validate.bisect import bisect_report
 
             report.bisect = bisect_report(report, session)
     finally:

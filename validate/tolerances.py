@@ -44,7 +44,7 @@ class Tolerances:
 
 
 # How the limits were set: `OMP_NUM_THREADS=1 python benchmarks/measure_tolerances.py --artifacts` runs the
-# trained fixtures (perch.fixtures: Falcon and Falcon-Mamba, 4 layers x 256, vocab 4096; random weights give
+# trained fixtures (perch.dev.fixtures: Falcon and Falcon-Mamba, 4 layers x 256, vocab 4096; random weights give
 # flat logits that say nothing about quantization) through real exports (ONNX, Core ML via the MIL executor)
 # and through Perch's eager module with weights round-tripped through each scheme, against transformers fp32:
 # 8 English prompts, 16 new tokens, ~250 teacher-forced steps per model (CPU, 2026-11-23). Each comment gives

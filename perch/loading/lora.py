@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from perch.errors import PerchError
-from perch.loading import _arch_entry, _read_file
+from perch.loading.checkpoint import _arch_entry, _read_file
 
 
 # Adapter features that change the model beyond W += scale * B @ A: merging them here would be wrong.

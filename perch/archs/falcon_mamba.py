@@ -232,5 +232,5 @@ def build(config, state_dict: dict[str, torch.Tensor], max_context: int, scan: s
     return core.eval()
 
 
-# The names every architecture module exposes (see exporter/registry.py).
+# The names every architecture module exposes (see perch/archs/__init__.py).
 PastPresent, Stateful = FalconMambaPastPresent, FalconMambaStateful

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from perch.errors import PerchError
-from runtimes import mil_ops
-from runtimes.mil_program import MilProgram, MilTensor
+from perch.runtimes.mil import ops as mil_ops
+from perch.runtimes.mil.program import MilProgram, MilTensor
 
 __all__ = ["MilExecutor", "MilProgram", "MilTensor", "program_op_types"]
 
@@ -117,7 +117,7 @@ class MilExecutor:
             verb = "is" if len(unknown) == 1 else "are"
             raise PerchError(
                 f"Core ML {noun} {ops} (in function {self.function_name}) {verb} not supported by Perch's "
-                f"executor; add a kernel to runtimes/mil_ops.py (OPS) or export the model without {noun} {ops}"
+                f"executor; add a kernel to runtimes/mil/ops.py (OPS) or export the model without {noun} {ops}"
             )
 
     def _key(self, var: Any) -> str:

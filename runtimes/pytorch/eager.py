@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from exporter.registry import arch_module
+from perch.archs import arch_module
 from perch.loading import Checkpoint
-from runtimes.base import Runtime, empty_state, model_inputs
+from perch.runtimes.base import Runtime, empty_state, model_inputs
 
 
 class EagerRuntime(Runtime):

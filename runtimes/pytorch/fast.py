@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from perch.errors import PerchError
-from runtimes.base import Runtime
+from perch.runtimes.base import Runtime
 
 
 def _require_cuda() -> None:
@@ -128,7 +128,7 @@ class FastFalcon(_GraphedRuntime):
 
     def __init__(self, config, state_dict: dict, *, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
                  max_context: int = 2048, cuda_graphs: bool = True):
-        from exporter import falcon
+        from perch.archs import falcon
 
         self._setup(config, device, dtype, max_context, cuda_graphs)
         core = falcon.build(config, _cast(state_dict, dtype), max_context)
@@ -179,7 +179,7 @@ class FastFalcon(_GraphedRuntime):
 
     @torch.inference_mode()
     def _forward(self, input_ids, mask, positions) -> np.ndarray:
-        from exporter.falcon import additive_mask
+        from perch.archs.falcon import additive_mask
 
         t, end = input_ids.shape[1], mask.shape[1]
         if t == 1:  # static shapes: attend over the whole buffer, unwritten slots masked
@@ -216,7 +216,7 @@ class FastFalconMamba(_GraphedRuntime):
 
     def __init__(self, config, state_dict: dict, *, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
                  max_context: int = 1 << 20, cuda_graphs: bool = True, kernels: str = "cuda"):
-        from exporter import falcon_mamba
+        from perch.archs import falcon_mamba
 
         self._setup(config, device, dtype, max_context, cuda_graphs)
         fns = mamba_kernels() if kernels == "cuda" else TORCH_KERNELS
@@ -252,7 +252,7 @@ class FastFalconMamba(_GraphedRuntime):
 
     def _ssm_inputs(self, mixer, u: torch.Tensor):
         """u (..., D) -> dt before bias and softplus (..., D), B and C (..., N), each RMS-normed first
-        (Falcon-Mamba's weightless norms, in fp32 like `exporter.falcon_mamba.weightless_rms`)."""
+        (Falcon-Mamba's weightless norms, in fp32 like `perch.archs.falcon_mamba.weightless_rms`)."""
         x = mixer.x_proj(u)
         xf = x.float()
         inv = torch.rsqrt(xf.square() @ self.seg_mean + self.eps)  # (..., 3): one per segment
@@ -332,7 +332,7 @@ def bnb_reference(ckpt, *, bits: int, max_context: int, compute_dtype: torch.dty
         import bitsandbytes as bnb
     except ImportError:
         raise PerchError("--reference-dtype bnb4/bnb8 needs bitsandbytes; `pip install perch[gpu]`") from None
-    from runtimes.reference import ReferenceRuntime
+    from perch.runtimes.pytorch.reference import ReferenceRuntime
 
     ref = ReferenceRuntime(ckpt, device="cuda", dtype=compute_dtype, max_context=max_context)
     for parent in list(ref.model.modules()):

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from perch.loading import Checkpoint, build_hf_model, load_checkpoint
-from perch.presets import resolve_model
-from runtimes.base import Runtime
+from perch.dev.presets import resolve_model
+from perch.runtimes.base import Runtime
 
 
 def _layer_states(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -114,7 +114,7 @@ def write_preset(name: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from perch.tokenizer import build_tokenizer, save_tokenizer
+    from perch.dev.tokenizer import build_tokenizer, save_tokenizer
 
     p = get(name)
     config = make_config(name)

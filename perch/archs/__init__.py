@@ -155,3 +155,12 @@ def describe_supported() -> str:
         ]
     lines.append(f"Not supported: {_NOT_SUPPORTED_NOTE}.")
     return "\n".join(lines)
+
+
+ARCH_MODULES = {"falcon": "perch.archs.falcon", "falcon_mamba": "perch.archs.falcon_mamba"}
+
+
+def arch_module(arch: str):
+    import importlib
+
+    return importlib.import_module(ARCH_MODULES[arch])

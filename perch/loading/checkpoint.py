@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from perch.archs import SUPPORTED, detect_arch
-from perch.bnb import _dequantize_bnb
+from perch.loading.bnb import _dequantize_bnb
 from perch.errors import PerchError
 
 SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
@@ -300,7 +300,7 @@ def load_checkpoint(model: str | Path, *, allow_pickle: bool = False, adapter: s
         config = _plain_config(config)
     adapter_dir = resolve_model_dir(adapter) if adapter is not None else None
     if adapter_dir is not None:
-        from perch.lora import merge_adapter  # lora builds on this module's readers
+        from perch.loading.lora import merge_adapter  # lora builds on this module's readers
 
         state_dict = merge_adapter(state_dict, adapter_dir, config, allow_pickle=allow_pickle)
     source = {"model": str(model), "path": str(model_dir), **info,

@@ -2,7 +2,7 @@
 
 Random weights give flat logits, so fp16/int8/int4/palettized agreement figures on them mean
 nothing. These fixtures are trained for a fixed number of CPU steps on the Python help text (see
-`perch.tokenizer`) and cached under `$PERCH_CACHE` (or `~/.cache/perch`); `fixture_dir(arch)`
+`perch.dev.tokenizer`) and cached under `$PERCH_CACHE` (or `~/.cache/perch`); `fixture_dir(arch)`
 returns one, training it on first use.
 """
 from __future__ import annotations
@@ -35,8 +35,8 @@ from transformers import (
 from transformers.activations import ACT2FN
 
 from perch.errors import PerchError
-from perch.presets import cache_root
-from perch.tokenizer import (
+from perch.dev.presets import cache_root
+from perch.dev.tokenizer import (
     EOS_ID,
     build_tokenizer,
     save_tokenizer,
@@ -210,7 +210,7 @@ def cpu_trainable_falcon_mamba() -> Iterator[None]:
                "mamba_selective_scan": _selective_scan_stepwise}
     missing = [name for name in patches if not hasattr(hf, name)]
     if missing:
-        raise PerchError(f"transformers {hf.__name__} lacks {missing}: update perch.fixtures for this "
+        raise PerchError(f"transformers {hf.__name__} lacks {missing}: update perch.dev.fixtures for this "
                          "transformers version")
     saved = {name: getattr(hf, name) for name in patches}
     try:

@@ -2,7 +2,7 @@
 
 Apple's Core ML runtime is macOS-only, but coremltools' milproto loader reads the package's
 `Data/com.apple.CoreML/model.mlmodel` spec and its `weights/` blobs back into a pymil `Program` on
-Linux. `MilExecutor` (runtimes/mil_executor.py) runs that program; this module only loads and
+Linux. `MilExecutor` (runtimes/mil/executor.py) runs that program; this module only loads and
 describes it, turning every malformed package into a `PerchError` that names the fix.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ Each kernel takes the op's MIL parameters as keyword arguments (numpy arrays, nu
 returns an array, or a tuple for multi-output ops. Float inputs arrive as float32 even for fp16 ops; the
 executor rounds every result to the op's declared dtype, so kernels never round themselves. Kernels must
 not modify their inputs. Semantics follow coremltools/converters/mil/mil/ops/defs (iOS15..iOS18).
-Data-movement, indexing and attention kernels live in `mil_ops_tensor`, registered in the same table.
+Data-movement, indexing and attention kernels live in `ops_tensor`, registered in the same table.
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from runtimes import mil_ops_tensor  # noqa: F401  (registers its kernels in OPS)
+from perch.runtimes.mil import ops_tensor  # noqa: F401  (registers its kernels in OPS)
 
-from runtimes.mil_registry import OPS, Kernel, register  # noqa: F401  (OPS is the public table)
+from perch.runtimes.mil.registry import OPS, Kernel, register  # noqa: F401  (OPS is the public table)
 
 
 def _axes(axes: Any, rank: int) -> tuple[int, ...] | None:

@@ -1,7 +1,7 @@
-"""Numpy kernels for MIL data-movement, indexing, convolution and attention ops (see `mil_ops`).
+"""Numpy kernels for MIL data-movement, indexing, convolution and attention ops (see `ops`).
 
-Same contract as `mil_ops`: keyword arguments named like the MIL parameters, float inputs as float32,
-results rounded by the executor, inputs never modified. Kernels register in `runtimes.mil_registry.OPS`.
+Same contract as `ops`: keyword arguments named like the MIL parameters, float inputs as float32,
+results rounded by the executor, inputs never modified. Kernels register in `perch.runtimes.mil.registry.OPS`.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from runtimes.mil_registry import register
+from perch.runtimes.mil.registry import register
 
 
 def _ints(v: Any) -> list[int]:

@@ -1,0 +1,1 @@
+"""Development support: built-in presets, trained fixtures and the offline tokenizer."""

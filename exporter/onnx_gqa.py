@@ -105,24 +105,18 @@ class FalconInplace(nn.Module):
         self.core = core
 
     def forward(self, input_ids, attention_mask, position_ids, *buffers):
-        core, t = self.core, input_ids.shape[1]
-        x = core.transformer.word_embeddings(input_ids)
-        cos = core.rope_cos[position_ids].unsqueeze(1).to(x.dtype)  # (B, 1, T, hd)
-        sin = core.rope_sin[position_ids].unsqueeze(1).to(x.dtype)
-        bias = falcon.additive_mask(attention_mask, t).to(x.dtype)  # (B, 1, T, total)
+        bias = falcon.additive_mask(attention_mask, input_ids.shape[1])  # (B, 1, T, total)
         present: list[torch.Tensor] = []
-        for i, layer in enumerate(core.transformer.h):
-            attn = layer.self_attention
-            attn_in = layer.attn_input(x)
-            q, k, v = attn.project(attn_in, cos, sin)  # q (B, nh, T, hd); k, v (B, nkv, T, hd)
-            b = q.shape[0]
+
+        def attend(i, attn, q, k, v, mask):  # q (B, nh, T, hd); k, v (B, nkv, T, hd)
+            b, t = q.shape[0], q.shape[2]
             out, pk, pv = group_query_attention(
                 q.transpose(1, 2).reshape(b, t, -1), k.transpose(1, 2).reshape(b, t, -1),
-                v.transpose(1, 2).reshape(b, t, -1), buffers[2 * i], buffers[2 * i + 1], bias, attn.nh, attn.nkv,
-            )
+                v.transpose(1, 2).reshape(b, t, -1), buffers[2 * i], buffers[2 * i + 1], mask, attn.nh, attn.nkv)
             present.extend((pk, pv))
-            x = layer.finish(x, attn_in, attn.dense(out))
-        return (core.lm_head(core.transformer.ln_f(x)).float(), *present)
+            return out
+
+        return (self.core.run(input_ids, position_ids, bias, attend), *present)
 
 
 def inplace_io(io: ModelIO, max_context: int) -> ModelIO:

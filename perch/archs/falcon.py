@@ -96,7 +96,7 @@ class FalconAttention(nn.Module):
         return q, k, v
 
     def attend(self, q, k, v, mask: torch.Tensor) -> torch.Tensor:
-        """q (B, nh, T, hd); k, v (B, nkv, S, hd); mask (B, 1, T, S) additive -> (B, T, H)."""
+        """q (B, nh, T, hd); k, v (B, nkv, S, hd); mask (B, 1, T, S) additive -> (B, T, H) before `dense`."""
         b, _, t, hd = q.shape
         g = self.nh // self.nkv
         # Fold each group's query heads into the row axis: one matmul per K,V head, no K,V repeat.
@@ -104,8 +104,7 @@ class FalconAttention(nn.Module):
         scores = (q @ k.transpose(-1, -2)).view(b, self.nkv, g, t, -1) + mask.unsqueeze(1)
         probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
         out = probs.view(b, self.nkv, g * t, -1) @ v  # (B, nkv, g*T, hd)
-        out = out.view(b, self.nh, t, hd).transpose(1, 2).reshape(b, t, self.nh * hd)
-        return self.dense(out)
+        return out.view(b, self.nh, t, hd).transpose(1, 2).reshape(b, t, self.nh * hd)
 
 
 class FalconLayer(nn.Module):
@@ -146,7 +145,11 @@ class FalconBody(nn.Module):
 
 
 class FalconCore(nn.Module):
-    """The weights (transformers names) and the forward, with the cache policy passed in as `cache_fn`."""
+    """The weights (transformers names) and the forward, with the cache policy passed in as `attend`.
+
+    A policy is `attend(i, attn, q, k, v, mask) -> (B, T, H)`: it stores layer i's new k, v (B, nkv, T, hd)
+    wherever its cache lives and attends q over everything stored; the core applies `attn.dense`.
+    """
 
     def __init__(self, config, max_context: int):
         super().__init__()
@@ -162,17 +165,17 @@ class FalconCore(nn.Module):
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
-    def run(self, input_ids, position_ids, mask, cache_fn, hidden_out: list | None = None) -> torch.Tensor:
-        """input_ids, position_ids (B, T); mask (B, 1, T, S) additive; cache_fn(i, k, v) -> (k_all, v_all)."""
+    def run(self, input_ids, position_ids, mask, attend, hidden_out: list | None = None) -> torch.Tensor:
+        """input_ids, position_ids (B, T); mask (B, 1, T, S) additive; `attend` the cache policy -> logits."""
         x = self.transformer.word_embeddings(input_ids)
         cos = self.rope_cos[position_ids].unsqueeze(1).to(x.dtype)  # (B, 1, T, hd)
         sin = self.rope_sin[position_ids].unsqueeze(1).to(x.dtype)
         mask = mask.to(x.dtype)
         for i, layer in enumerate(self.transformer.h):
             attn_in = layer.attn_input(x)
-            q, k, v = layer.self_attention.project(attn_in, cos, sin)
-            k_all, v_all = cache_fn(i, k, v)
-            x = layer.finish(x, attn_in, layer.self_attention.attend(q, k_all, v_all, mask))
+            attn = layer.self_attention
+            q, k, v = attn.project(attn_in, cos, sin)
+            x = layer.finish(x, attn_in, attn.dense(attend(i, attn, q, k, v, mask)))
             if hidden_out is not None:
                 hidden_out.append(x)
         return self.lm_head(self.transformer.ln_f(x)).float()
@@ -198,13 +201,13 @@ class FalconPastPresent(nn.Module):
         mask = additive_mask(attention_mask, input_ids.shape[1])
         present: list[torch.Tensor] = []
 
-        def cache_fn(i, k, v):
+        def attend(i, attn, q, k, v, mask):
             k_all = torch.cat([past[2 * i], k], dim=2)
             v_all = torch.cat([past[2 * i + 1], v], dim=2)
             present.extend((k_all, v_all))
-            return k_all, v_all
+            return attn.attend(q, k_all, v_all, mask)
 
-        logits = self.core.run(input_ids, position_ids, mask, cache_fn)
+        logits = self.core.run(input_ids, position_ids, mask, attend)
         return (logits, *present)
 
 
@@ -228,15 +231,15 @@ class FalconStateful(nn.Module):
         start = end - t
         positions = torch.arange(start, end, device=input_ids.device).unsqueeze(0).expand(input_ids.shape[0], t)
 
-        def cache_fn(i, k, v):
+        def attend(i, attn, q, k, v, mask):
             # Write through the root buffer: a write through a view of it is silently dropped by Core ML.
             self.keyCache[i : i + 1, :, :, start:end] = k.unsqueeze(0).to(self.keyCache.dtype)
             self.valueCache[i : i + 1, :, :, start:end] = v.unsqueeze(0).to(self.valueCache.dtype)
             k_all = self.keyCache[i, :, :, :end].to(k.dtype)
             v_all = self.valueCache[i, :, :, :end].to(v.dtype)
-            return k_all, v_all
+            return attn.attend(q, k_all, v_all, mask)
 
-        return self.core.run(input_ids, positions, causal_mask, cache_fn)
+        return self.core.run(input_ids, positions, causal_mask, attend)
 
 
 def io_spec(config, max_context: int, state_dtype: str = "float32") -> ModelIO:

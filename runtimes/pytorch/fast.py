@@ -150,29 +150,20 @@ class FastFalcon(_GraphedRuntime):
     def _clear_state(self) -> None:
         pass  # unwritten cache slots are masked out; nothing to clear
 
-    def _attend(self, attn, q, k, v, mask) -> torch.Tensor:
-        """q (B, nh, T, hd); k, v (B, nkv, S, hd); mask (B, 1, T, S) additive -> (B, T, H)."""
-        b, _, t, hd = q.shape
-        g = self.nh // self.nkv
-        q = q.reshape(b, self.nkv, g * t, hd)  # rows: group-major, then position
-        mask = mask.unsqueeze(2).expand(b, 1, g, t, mask.shape[-1]).reshape(b, 1, g * t, -1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nkv, g*T, hd)
-        return attn.dense(out.view(b, self.nh, t, hd).transpose(1, 2).reshape(b, t, self.nh * hd))
-
     def _body(self, ids, pos, idx, mask, kv_len: int) -> torch.Tensor:
         """ids, pos (B, T); idx (T,) cache slots to write; mask (B, 1, T, kv_len) -> logits (B, T, V) fp32."""
-        core = self.core
-        x = core.transformer.word_embeddings(ids)
-        cos = core.rope_cos[pos].unsqueeze(1).to(self.dtype)
-        sin = core.rope_sin[pos].unsqueeze(1).to(self.dtype)
-        for i, layer in enumerate(core.transformer.h):
-            attn_in = layer.attn_input(x)
-            q, k, v = layer.self_attention.project(attn_in, cos, sin)
+        g = self.nh // self.nkv
+
+        def attend(i, attn, q, k, v, mask):  # the static-cache policy: write the slots, SDPA over the buffer
             self.k[i].index_copy_(2, idx, k)
             self.v[i].index_copy_(2, idx, v)
-            out = self._attend(layer.self_attention, q, self.k[i, :, :, :kv_len], self.v[i, :, :, :kv_len], mask)
-            x = layer.finish(x, attn_in, out)
-        return core.lm_head(core.transformer.ln_f(x)).float()
+            b, _, t, hd = q.shape
+            q = q.reshape(b, self.nkv, g * t, hd)  # rows: group-major, then position; no K,V repeat
+            m = mask.unsqueeze(2).expand(b, 1, g, t, mask.shape[-1]).reshape(b, 1, g * t, -1)
+            out = F.scaled_dot_product_attention(q, self.k[i, :, :, :kv_len], self.v[i, :, :, :kv_len], attn_mask=m)
+            return out.view(b, self.nh, t, hd).transpose(1, 2).reshape(b, t, self.nh * hd)
+
+        return self.core.run(ids, pos, mask, attend)
 
     def _decode_body(self) -> torch.Tensor:
         return self._body(self.s_ids, self.s_pos, self.s_idx, self.s_mask, self.max_context)

@@ -13,12 +13,21 @@ from __future__ import annotations
 
 import importlib.util
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from perch.exporter.quant_recipes import RECIPES, Recipe
+
 PALETTE_GROUP = 16  # output channels sharing one LUT: Apple's recommended granularity for LLM weights
-METHODS = ("int8", "int4", "palettize4")
+# The --quantize methods this backend offers (name -> Recipe: description, bits_estimate, per-tensor choices).
+# The int4 family goes through `recipe_quantize` (Perch's own scale search / GPTQ, uint4 codes with a uint4
+# offset per block in constexpr_blockwise_shift_scale); int8 and palettize4 through coremltools' own passes.
+METHODS: dict[str, Recipe] = {
+    **RECIPES,
+    "palettize4": Recipe("palettize4", "16-entry k-means look-up table per group of 16 output channels "
+                                       "(constexpr_lut_to_dense)", 4.1, "kmeans"),
+}
 
 
 def kmeans_available() -> bool:
@@ -79,12 +88,12 @@ def op_config(method: str, block_size: int):
     if method == "palettize4":
         return cto.OpPalettizerConfig(mode="kmeans" if kmeans_available() else "uniform", nbits=4,
                                       granularity="per_grouped_channel", group_size=PALETTE_GROUP, weight_threshold=0)
-    raise ValueError(f"unknown compression method {method!r}; expected one of {METHODS}")
+    raise ValueError(f"unknown compression method {method!r}; expected one of {tuple(METHODS)}")
 
 
 def _fits(method: str, shape: tuple[int, ...], block_size: int) -> str | None:
     """Why a weight cannot take `method`'s granularity, or None when it can."""
-    if method == "int4" and shape[1] % block_size:
+    if method.startswith("int4") and shape[1] % block_size:
         return f"input size {shape[1]} is not a multiple of --block-size {block_size}"
     if method == "palettize4" and shape[0] % PALETTE_GROUP:
         return f"output size {shape[0]} is not a multiple of the palette group {PALETTE_GROUP}"
@@ -98,6 +107,7 @@ class CompressionPlan:
     method: str
     names: list[str]
     info: dict
+    shapes: dict = field(default_factory=dict)  # const name -> shape, for the bits-per-weight record
 
 
 def plan_compression(program, method: str, block_size: int, kinds: dict[str, str]) -> CompressionPlan:
@@ -118,21 +128,23 @@ def plan_compression(program, method: str, block_size: int, kinds: dict[str, str
             done[kind] += 1
     info = {
         "method": method,
-        "granularity": {"int8": "per_channel", "int4": f"per_block({block_size})",
-                        "palettize4": f"per_grouped_channel({PALETTE_GROUP})"}[method],
+        "description": METHODS[method].description,
+        "granularity": {"int8": "per_channel", "palettize4": f"per_grouped_channel({PALETTE_GROUP})"}.get(
+            method, f"per_block({block_size})"),
         "compressed": {"tensors": len(names), "params": int(sum(np.prod(shapes[n]) for n in names)),
                        "by_kind": dict(done)},
         "left_alone": left,
     }
-    if method == "int4":
+    if method.startswith("int4"):
         info["block_size"] = block_size
     if method == "palettize4":
         info["palettization"] = "kmeans (scikit-learn)" if kmeans_available() else "uniform (scikit-learn not installed)"
         info["group_size"] = PALETTE_GROUP
-    return CompressionPlan(method, names, info)
+    return CompressionPlan(method, names, info, {n: shapes[n] for n in names})
 
 
-def apply_compression(mlmodel, plan: CompressionPlan, block_size: int):
+def apply_compression(mlmodel, plan: CompressionPlan, block_size: int, kinds: dict[str, str] | None = None,
+                      calibration=None):
     """Compress `mlmodel` as planned; returns a new MLModel.
 
     coremltools reloads the program from the saved spec and weights, so the caller may (and, for large
@@ -140,8 +152,33 @@ def apply_compression(mlmodel, plan: CompressionPlan, block_size: int):
     """
     import coremltools.optimize.coreml as cto
 
+    if plan.method.startswith("int4"):
+        from perch.exporter import coreml_recipe
+
+        choices = coreml_recipe.choices_for(plan.method, plan.names, kinds or {}, block_size, calibration)
+        plan.info["tensors"] = _grouped(choices)
+        plan.info["bits_per_weight"] = _bits_per_weight(choices, plan.shapes)
+        return coreml_recipe.quantize(mlmodel, choices)
     config = op_config(plan.method, block_size)
     opt = cto.OptimizationConfig(op_name_configs={n: config for n in plan.names})
     if plan.method == "palettize4":
         return cto.palettize_weights(mlmodel, config=opt)
     return cto.linear_quantize_weights(mlmodel, config=opt)
+
+
+def _grouped(choices: dict) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for name, (c, _) in choices.items():
+        out.setdefault(f"{c.bits}-bit {c.algorithm}, blocks of {c.block}", []).append(name)
+    return out
+
+
+def _bits_per_weight(choices: dict, shapes: dict) -> float | None:
+    """Stored bits over parameters of the compressed weights: uint codes, uint offset, float16 scale per block."""
+    n = bits = 0
+    for name, (c, _) in choices.items():
+        shape = shapes[name]
+        rows, k = int(shape[0]), int(shape[1])
+        n += rows * k
+        bits += rows * (k // c.block) * (c.block * c.bits + c.bits + 16)
+    return round(bits / n, 3) if n else None

@@ -17,8 +17,14 @@ from perch.loading import Checkpoint, load_checkpoint
 from perch.dev.presets import resolve_model
 from perch.spec import Manifest
 
+def quant_methods(backend: str) -> tuple[str, ...]:
+    module = {"onnx": "perch.exporter.onnx_quant", "coreml": "perch.exporter.coreml_compress"}[backend]
+    return tuple(importlib.import_module(module).METHODS)
+
+
 BACKENDS = {"onnx": "perch.exporter.to_onnx", "coreml": "perch.exporter.to_coreml"}
-QUANTIZE = {"onnx": ("none", "int8", "int4"), "coreml": ("none", "int8", "int4", "palettize4")}
+# --quantize names come from the backends' METHODS tables (perch.exporter.onnx_quant / coreml_compress).
+QUANTIZE = {"onnx": ("none", *quant_methods("onnx")), "coreml": ("none", *quant_methods("coreml"))}
 # What a runtime needs next to the model: the tokenizer and the HF config (generation settings included).
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
               "vocab.json", "merges.txt", "config.json", "generation_config.json")
@@ -36,6 +42,7 @@ class ExportOptions:
     variant: str = "default"  # ONNX "inplace": fixed-size cache buffer for fast decode (--optimize)
     multifunction: bool = False  # Core ML: prefill + decode functions sharing weights and state
     batch_size: int = 1  # Core ML states have a fixed batch
+    calibration: str | None = None  # text file for calibrated quantization (GPTQ); None: built-in corpus
 
     def __post_init__(self):
         if self.to not in BACKENDS:

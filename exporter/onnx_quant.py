@@ -16,8 +16,14 @@ import threading
 import numpy as np
 import onnx_ir as ir
 
+from perch.exporter import calibration as calib
+from perch.exporter import gptq, quant_search
+from perch.exporter.quant_recipes import RECIPES, Choice, recipe
+
+# The --quantize methods this backend offers (name -> Recipe: description, bits_estimate, per-tensor choices).
+METHODS = dict(RECIPES)
+
 MSFT = "com.microsoft"
-BITS = {"int4": 4, "int8": 8}
 # Activations quantized to int8 inside MatMulNBits: the fastest CPU kernel (FINDINGS: 2-5x over fp32). With
 # float activations (level 1) 8-bit weights take a slow path: 360 ms vs 11 ms for 8 1024x4096 MatMuls here.
 ACCURACY_LEVEL = 4
@@ -31,28 +37,33 @@ KEEP_FLOAT = {
 }
 
 
-def quantize_blocks(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def quantize_blocks(w: np.ndarray, bits: int, block: int, algorithm: str = "rtn", hessian: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """w (rows, K) -> packed (rows, blocks, block*bits/8) uint8, scales (rows, blocks) float32, packed zero points.
 
-    Asymmetric min/max per block with 0 inside the range (so 0.0 stays exact), the layout MatMulNBits and
-    GatherBlockQuantized read: values packed low bits first along K, zero points packed the same way.
+    Asymmetric per block (0.0 stays exact), the layout MatMulNBits and GatherBlockQuantized read: values packed
+    low bits first along K, zero points packed the same way. `algorithm`: "rtn" (min/max), "search" or "gptq"
+    (perch.exporter.quant_search / gptq; gptq needs the layer's input `hessian`, (K, K)).
     """
     rows, k = w.shape
-    nb, qmax = -(-k // block), (1 << bits) - 1
+    nb = -(-k // block)
     packed = np.empty((rows, nb, block * bits // 8), np.uint8)
     scales = np.empty((rows, nb), np.float32)
     zeros = np.empty((rows, -(-nb * bits // 8)), np.uint8)
+    pad = nb * block - k
+    if hessian is not None and pad:
+        hessian = np.pad(hessian, ((0, pad), (0, pad)))
+    imp = None if hessian is None else np.diag(hessian).astype(np.float32).reshape(nb, block)
     for r0 in range(0, rows, ROWS_PER_CHUNK):
-        x = np.asarray(w[r0 : r0 + ROWS_PER_CHUNK], dtype=np.float32)
-        if k % block:
-            x = np.pad(x, ((0, 0), (0, nb * block - k)))
-        x = x.reshape(len(x), nb, block)
-        lo, hi = np.minimum(x.min(-1), 0), np.maximum(x.max(-1), 0)
-        scale = np.where(hi > lo, (hi - lo) / qmax, 1.0).astype(np.float32)
-        zp = np.clip(np.round(-lo / scale), 0, qmax)
-        q = np.clip(np.round(x / scale[..., None] + zp[..., None]), 0, qmax).astype(np.uint8)
+        x = np.pad(np.asarray(w[r0 : r0 + ROWS_PER_CHUNK], dtype=np.float32), ((0, 0), (0, pad)))
+        if algorithm == "gptq" and hessian is not None:
+            q, scale, zp = gptq.gptq(x, hessian, bits, block)
+        elif algorithm in ("search", "gptq"):
+            q, scale, zp = quant_search.search(x.reshape(len(x), nb, block), bits, imp)
+        else:
+            q, scale, zp = quant_search.rtn(x.reshape(len(x), nb, block), bits)
         sl = slice(r0, r0 + len(x))
-        packed[sl], scales[sl], zeros[sl] = _pack(q, bits), scale, _pack(zp.astype(np.uint8), bits)
+        packed[sl], scales[sl], zeros[sl] = _pack(q, bits), scale, _pack(zp, bits)
     return packed, scales, zeros
 
 
@@ -83,8 +94,8 @@ def dequantize_blocks(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray,
 class _LazyQuantized:
     """Quantizes one weight on first use, hands out its three parts, and forgets them once all were taken."""
 
-    def __init__(self, load, bits: int, block: int, scale_dtype: np.dtype):
-        self.load, self.bits, self.block, self.scale_dtype = load, bits, block, scale_dtype
+    def __init__(self, load, choice: Choice, hessian: np.ndarray | None):
+        self.load, self.choice, self.hessian = load, choice, hessian
         self.parts: list | None = None
         self.taken: set[int] = set()
         self.lock = threading.Lock()
@@ -92,8 +103,9 @@ class _LazyQuantized:
     def part(self, i: int, shape: tuple[int, ...]) -> ir.Tensor:
         with self.lock:
             if self.parts is None:
-                packed, scales, zeros = quantize_blocks(self.load(), self.bits, self.block)
-                self.parts = [packed, scales.astype(self.scale_dtype), zeros]
+                c = self.choice
+                packed, scales, zeros = quantize_blocks(self.load(), c.bits, c.block, c.algorithm, self.hessian)
+                self.parts = [packed, scales.astype(np.float16), zeros]
             arr = self.parts[i].reshape(shape)
             self.taken.add(i)
             if len(self.taken) == 3:
@@ -101,16 +113,20 @@ class _LazyQuantized:
             return ir.tensor(arr)
 
 
-def _lazy_parts(graph: ir.Graph, name: str, load, rows: int, k: int, bits: int, block: int, float_dtype: ir.DataType,
-                *, flat: bool = False) -> list[ir.Value]:
-    """Register the packed weight, scales and zero points of `name` as lazy initializers.
+def _lazy_parts(graph: ir.Graph, name: str, load, rows: int, k: int, choice: Choice, float_dtype: ir.DataType,
+                before: ir.Node, hessian: np.ndarray | None = None, *, flat: bool = False) -> list[ir.Value]:
+    """Register the packed weight, float16 scales and zero points of `name` as lazy initializers.
 
-    `flat`: packed bytes as (rows, K*bits/8), GatherBlockQuantized's layout; else (rows, blocks, bytes per block).
+    Scales are stored as float16 (half the bytes of float32: 4.625 instead of 5.125 bits per weight at blocks
+    of 32) and cast to the graph's float type by a Cast that ONNX Runtime constant-folds at load, so the
+    kernels see what they saw before. `flat`: packed bytes as (rows, K*bits/8), GatherBlockQuantized's
+    layout; else (rows, blocks, bytes per block).
     """
+    bits, block = choice.bits, choice.block
     nb = -(-k // block)
-    q = _LazyQuantized(load, bits, block, float_dtype.numpy())
+    q = _LazyQuantized(load, choice, hessian)
     packed = (rows, nb * block * bits // 8) if flat else (rows, nb, block * bits // 8)
-    specs = [("q", ir.DataType.UINT8, packed), ("scales", float_dtype, (rows, nb)),
+    specs = [("q", ir.DataType.UINT8, packed), ("scales", ir.DataType.FLOAT16, (rows, nb)),
              ("zero_points", ir.DataType.UINT8, (rows, -(-nb * bits // 8)))]
     values = []
     for i, (suffix, dtype, shape) in enumerate(specs):
@@ -120,6 +136,12 @@ def _lazy_parts(graph: ir.Graph, name: str, load, rows: int, k: int, bits: int, 
                                       name=full)
         graph.register_initializer(v)
         values.append(v)
+    if float_dtype != ir.DataType.FLOAT16:
+        cast = ir.node("Cast", [values[1]], attributes={"to": float_dtype}, name=f"{name}.scales_cast")
+        cast.outputs[0].name = f"{name}.scales_{float_dtype.name.lower()}"
+        cast.outputs[0].shape, cast.outputs[0].type = ir.Shape([rows, nb]), ir.TensorType(float_dtype)
+        graph.insert_before(before, cast)
+        values[1] = cast.outputs[0]
     return values
 
 
@@ -132,12 +154,14 @@ def _display(name: str) -> str:
     return name.removeprefix("core.").removesuffix(".T")
 
 
-def _skip_reason(name: str, k: int, block: int) -> str | None:
-    for suffix, why in KEEP_FLOAT.items():
-        if _display(name).endswith(suffix):
-            return why
-    if k < block:
-        return f"input size {k} is smaller than one {block}-wide block"
+def _skip_reason(name: str, k: int, choice: Choice | None) -> str | None:
+    if choice is None:
+        for suffix, why in KEEP_FLOAT.items():
+            if _display(name).endswith(suffix):
+                return why
+        return "kept float by the recipe"
+    if k < choice.block:
+        return f"input size {k} is smaller than one {choice.block}-wide block"
     return None
 
 
@@ -151,25 +175,26 @@ def _swap(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
     new.outputs[0].name = name
 
 
-def _replace_matmul(graph: ir.Graph, node: ir.Node, bits: int, block: int) -> None:
+def _replace_matmul(graph: ir.Graph, node: ir.Node, choice: Choice, hessian: np.ndarray | None) -> None:
     w = node.inputs[1]
     k, n = w.shape
-    q, scales, zeros = _lazy_parts(graph, w.name, _weight_out_in(w), n, k, bits, block, w.dtype)
+    q, scales, zeros = _lazy_parts(graph, w.name, _weight_out_in(w), n, k, choice, w.dtype, node, hessian)
     new = ir.node("MatMulNBits", [node.inputs[0], q, scales, zeros], domain=MSFT, num_outputs=1,
-                  attributes={"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": ACCURACY_LEVEL},
-                  name=node.name)
+                  attributes={"K": k, "N": n, "bits": choice.bits, "block_size": choice.block,
+                              "accuracy_level": ACCURACY_LEVEL}, name=node.name)
     _swap(graph, node, new)
     if not w.uses():
         graph.initializers.pop(w.name)
 
 
-def _replace_gather(graph: ir.Graph, node: ir.Node, bits: int, block: int) -> None:
+def _replace_gather(graph: ir.Graph, node: ir.Node, choice: Choice) -> None:
     table = node.inputs[0]
     rows, k = table.shape
     load = lambda: np.asarray(table.const_value.numpy())  # noqa: E731: (vocab, hidden) is already (out, in)
-    q, scales, zeros = _lazy_parts(graph, table.name, load, rows, k, bits, block, table.dtype, flat=True)
+    q, scales, zeros = _lazy_parts(graph, table.name, load, rows, k, choice, table.dtype, node, flat=True)
     new = ir.node("GatherBlockQuantized", [q, node.inputs[1], scales, zeros], domain=MSFT, num_outputs=1,
-                  attributes={"bits": bits, "block_size": block, "gather_axis": 0, "quantize_axis": 1}, name=node.name)
+                  attributes={"bits": choice.bits, "block_size": choice.block, "gather_axis": 0, "quantize_axis": 1},
+                  name=node.name)
     _swap(graph, node, new)
     if not table.uses():
         graph.initializers.pop(table.name)
@@ -180,37 +205,67 @@ def _is_float_weight(v: ir.Value | None) -> bool:
             and v.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16))
 
 
-def quantize(model: ir.Model, method: str, block_size: int, *, embedding: str | None = None) -> dict:
-    """Quantize `model` in place; return the manifest's quantization record (what, how, what not and why)."""
-    bits = BITS[method]
-    done, kept = [], {}
+def quantize(model: ir.Model, method: str, block_size: int, *, embedding: str | None = None,
+             calibration: calib.Calibration | None = None) -> dict:
+    """Quantize `model` in place by the recipe `method` (quant_recipes.RECIPES); return the manifest's record.
+
+    `calibration` (input Hessians) is needed by GPTQ recipes; without it their linear layers fall back to
+    the scale search, and the record says so.
+    """
+    rec = recipe(method)
+    done, kept, params = {}, {}, {"quantized": 0, "bits": 0}
     graph = model.graph
     for node in list(graph):
         if node.op_type == "MatMul" and node.domain == "" and _is_float_weight(node.inputs[1]):
             w = node.inputs[1]
-            reason = _skip_reason(w.name, w.shape[0], block_size)
+            name = _display(w.name)
+            choice = rec.choice(name, "linear", block_size)
+            hess = calib.hessian_for(calibration, name) if choice and choice.algorithm == "gptq" else None
+            if choice and choice.algorithm == "gptq" and hess is None:
+                choice = Choice(choice.bits, choice.block, "search")
+            reason = _skip_reason(w.name, w.shape[0], choice)
             if reason:
-                kept[_display(w.name)] = reason
+                kept[name] = reason
                 continue
-            done.append(_display(w.name))
-            _replace_matmul(graph, node, bits, block_size)
+            done[name] = choice
+            _count(params, w.shape, choice)
+            _replace_matmul(graph, node, choice, hess)
         elif node.op_type == "Gather" and _is_float_weight(node.inputs[0]) and node.inputs[0].name == embedding:
-            if node.inputs[0].shape[1] % block_size:
-                kept[_display(embedding)] = f"hidden size is not a multiple of the {block_size}-wide block"
+            choice = rec.choice(_display(embedding), "embedding", block_size)
+            if node.inputs[0].shape[1] % choice.block:
+                kept[_display(embedding)] = f"hidden size is not a multiple of the {choice.block}-wide block"
                 continue
-            done.append(_display(embedding))
-            _replace_gather(graph, node, bits, block_size)
+            done[_display(embedding)] = choice
+            _count(params, node.inputs[0].shape, choice)
+            _replace_gather(graph, node, choice)
     model.opset_imports[MSFT] = 1
-    return _report(model, method, bits, block_size, done, kept)
+    report = _report(model, rec, block_size, done, kept, params, calibration)
+    if rec.calibration and calibration is None:
+        report["note"] = "no calibration data (no checkpoint to run): GPTQ tensors fell back to the scale search"
+    return report
 
 
-def _report(model: ir.Model, method: str, bits: int, block: int, done: list[str], kept: dict) -> dict:
-    small = []
+def _count(params: dict, shape, c: Choice) -> None:
+    """Stored bits of one quantized weight: codes, float16 scales, packed zero points (per block)."""
+    rows, k = shape if len(shape) == 2 else (1, shape[0])
+    n = int(rows) * int(k)
+    nb = -(-int(k) // c.block)
+    params["quantized"] += n
+    params["bits"] += int(rows) * nb * (c.block * c.bits + 16 + c.bits)
+
+
+def _report(model: ir.Model, rec, block: int, done: dict[str, Choice], kept: dict, params: dict, cal) -> dict:
+    small, float_2d = [], [0, 0]
     for name, v in model.graph.initializers.items():
         if v.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16) or not name.startswith("core."):
             continue  # quantized parts, and constants folded from the graph rather than checkpoint weights
         shown = _display(name)
-        if shown in kept or shown in done or name.endswith((".scales", ".zero_points")):
+        if shown in done or name.endswith((".scales", ".zero_points")):
+            continue
+        if v.shape is not None and len(v.shape) >= 2 and not name.startswith("core.rope_"):
+            float_2d[0] += int(np.prod(list(v.shape)))
+            float_2d[1] += int(np.prod(list(v.shape))) * 8 * v.dtype.itemsize
+        if shown in kept:
             continue
         if name.startswith("core.rope_"):
             kept[shown] = "rotary table: read one row per position, and exact angles matter at long context"
@@ -221,8 +276,23 @@ def _report(model: ir.Model, method: str, bits: int, block: int, done: list[str]
     if small:
         kept["1-D tensors"] = (f"{len(small)} norm weights, biases and per-channel parameters: a negligible share "
                                "of the size, and norms are precision-sensitive")
+    bpw = (params["bits"] + float_2d[1]) / max(params["quantized"] + float_2d[0], 1)
     return {
-        "method": method, "bits": bits, "block_size": block, "symmetric": False,
+        "method": rec.name, "description": rec.description, "bits": rec.bits, "block_size": block, "symmetric": False,
+        "bits_per_weight": round(bpw, 3),
+        "bits_per_weight_basis": "stored bits (codes, float16 scales, zero points; float weights at their size) "
+                                 "over the parameters of every 2-D weight",
+        "scales": "float16, cast to the compute type in the graph (folded by ONNX Runtime at load)",
         "ops": {"linear": "com.microsoft.MatMulNBits", "embedding": "com.microsoft.GatherBlockQuantized"},
-        "accuracy_level": ACCURACY_LEVEL, "quantized": done, "not_quantized": kept,
+        "accuracy_level": ACCURACY_LEVEL, "quantized": list(done), "tensors": _choices(done),
+        "calibration": cal.info if cal is not None and any(c.algorithm == "gptq" for c in done.values()) else None,
+        "not_quantized": kept,
     }
+
+
+def _choices(done: dict[str, Choice]) -> dict[str, list[str]]:
+    """Tensors grouped by what they got, e.g. {"4-bit gptq, blocks of 32": [...]}: the per-tensor record."""
+    out: dict[str, list[str]] = {}
+    for name, c in done.items():
+        out.setdefault(f"{c.bits}-bit {c.algorithm}, blocks of {c.block}", []).append(name)
+    return out

@@ -226,8 +226,13 @@ def export(ckpt: Checkpoint, out_dir: str | Path, options: ExportOptions) -> Man
     for model in parts.values():
         release_program(model)
     if plans:
+        from perch.exporter.calibration import calibration_for
+
+        cal = calibration_for(ckpt, options)
+        if cal is not None:
+            quantization["calibration"] = cal.info
         for name in parts:  # one function at a time: each reloads its weights from disk
-            parts[name] = apply_compression(parts[name], plans[name], options.block_size)
+            parts[name] = apply_compression(parts[name], plans[name], options.block_size, kinds, cal)
             release_program(parts[name])
     _save(parts, out_dir / PACKAGE, scratch=out_dir)
     del parts
@@ -280,7 +285,7 @@ def _metadata(ckpt: Checkpoint, options: ExportOptions, max_context: int) -> dic
     from perch import __version__
 
     arch = (getattr(ckpt.config, "architectures", None) or [""])[0]
-    precision = {"none": options.dtype, "int8": "int8", "int4": "int4", "palettize4": "palettized 4-bit"}[options.quantize]
+    precision = {"none": options.dtype, "palettize4": "palettized 4-bit"}.get(options.quantize, options.quantize)
     return {
         "author": "Perch",
         "short_description": f"{arch or ckpt.arch} ({precision}) with its {'K,V cache' if ckpt.arch == 'falcon' else 'conv and SSM state'} "

@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx_ir as ir
 import torch
 
-from perch.exporter import onnx_quant
+from perch.exporter import calibration, onnx_quant
 from perch.archs import arch_module
 from perch.archs import SUPPORTED
 from perch.errors import PerchError
@@ -54,7 +54,9 @@ def export(ckpt, out_dir: str | Path, options) -> Manifest:
     quant = {"method": "none"}
     if options.quantize != "none":
         embedding = SUPPORTED[ckpt.arch]["embedding"]
-        quant = onnx_quant.quantize(model, options.quantize, options.block_size, embedding=PREFIX + embedding)
+        cal = calibration.calibration_for(ckpt, options)
+        quant = onnx_quant.quantize(model, options.quantize, options.block_size, embedding=PREFIX + embedding,
+                                    calibration=cal)
     saved = save_model(model, out_dir)
     if options.quantize != "none":
         quant["size_bytes"] = saved["bytes"]
@@ -226,10 +228,13 @@ def _perch_version() -> str:
     return __version__
 
 
-def quantize_artifact(src: str | Path, out: str | Path, method: str, block_size: int = 32) -> Manifest:
+def quantize_artifact(src: str | Path, out: str | Path, method: str, block_size: int = 32,
+                      calibration: calibration.Calibration | None = None) -> Manifest:
     """Quantize an existing float ONNX export into a new directory, without tracing again.
 
     The float weights stream from `src`'s files (external data is memory-mapped), one tensor at a time.
+    GPTQ recipes need `calibration` (`perch.exporter.calibration.calibrate(checkpoint)`); without it their
+    linear layers use the scale search, and the manifest notes it.
     """
     from perch.exporter.export import check_output, copy_side_files, staged_output
 
@@ -241,7 +246,7 @@ def quantize_artifact(src: str | Path, out: str | Path, method: str, block_size:
     check_output(out)
     model = ir.load(src / manifest.model_file)
     embedding = PREFIX + SUPPORTED[manifest.arch]["embedding"]
-    quant = onnx_quant.quantize(model, method, block_size, embedding=embedding)
+    quant = onnx_quant.quantize(model, method, block_size, embedding=embedding, calibration=calibration)
     with staged_output(out) as tmp:
         saved = save_model(model, tmp)
         copy_side_files(src, tmp)

@@ -29,10 +29,12 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     opts = ExportOptions(to=a.to, dtype=a.dtype or a.compute_precision or "fp32", quantize=a.quantize,
                          block_size=a.block_size, max_context=a.max_context,
-                         variant="inplace" if a.optimize else "default", multifunction=a.multifunction)
+                         variant="inplace" if a.optimize else "default", multifunction=a.multifunction,
+                         calibration=a.calibration)
     m = export(a.model, a.out, opts, adapter=a.adapter, allow_pickle=a.allow_pickle, overwrite=a.overwrite)
-    print(f"wrote {a.out}/{m.model_file}: {m.arch}, {m.format} {m.dtype}, quantize={m.quantization.get('method')}, "
-          f"max context {m.max_context}")
+    bpw = m.quantization.get("bits_per_weight")
+    print(f"wrote {a.out}/{m.model_file}: {m.arch}, {m.format} {m.dtype}, quantize={m.quantization.get('method')}"
+          f"{f' ({bpw} bits per weight)' if bpw else ''}, max context {m.max_context}")
     return 0
 
 
@@ -111,7 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="output directory (must not exist)")
     e.add_argument("--dtype", choices=["fp32", "fp16"], help="ONNX weight/compute precision (default fp32)")
     e.add_argument("--compute-precision", choices=["fp16", "fp32"], help="Core ML compute precision")
-    e.add_argument("--quantize", default="none", choices=["none", "int8", "int4", "palettize4"])
+    # checked by ExportOptions against the backend's METHODS table (names listed in --help)
+    e.add_argument("--quantize", default="none", help="none, int8, int4 (GPTQ, the best measured), int4-mixed, "
+                   "int4-search, int4-rtn; Core ML also palettize4")
+    e.add_argument("--calibration", help="text file to calibrate int4/int4-mixed on (default: built-in corpus)")
     e.add_argument("--block-size", type=int, default=32, help="int4 block size (32 or 128)")
     e.add_argument("--max-context", type=int, help="longest context the artifact accepts (default: min(model's, 2048))")
     e.add_argument("--optimize", action="store_true", help="ONNX: in-place cache buffer (GroupQueryAttention) for fast decode")

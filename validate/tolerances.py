@@ -131,7 +131,8 @@ def precision_of(manifest) -> str:
     """
     method = (manifest.quantization or {}).get("method", "none")
     if method not in (None, "none"):
-        return str(method)
+        # every int4 variant (int4, int4-mixed, int4-search, int4-rtn) shares the int4 limits
+        return "int4" if str(method).startswith("int4") else str(method)
     states16 = any(s.dtype == "float16" for s in manifest.io.states)
     if manifest.dtype == "fp32" and states16:
         return "fp32+fp16state"

@@ -1,0 +1,150 @@
+"""4-bit quality: every quantization variant x both trained fixtures x both backends, beside llama.cpp.
+
+The protocol (issue 18, as llama.cpp's `llama-perplexity --kl-divergence` scores it): the fixture's held-out
+split (perch.dev.tokenizer.split_corpus), the first CHUNKS windows of CTX tokens, each run from an empty
+state; the second half of each window is scored: KL(reference || artifact) and same top-1 at the logits that
+predict tokens CTX/2..CTX-1 (CHUNKS * CTX/2 = 2048 positions), perplexity of those tokens. Reference:
+transformers fp32. Artifacts run through perch.runtimes.open_artifact (Core ML: Perch's MIL executor).
+Bits per weight: the manifest's (stored bits over the parameters of every 2-D weight). Decode speed: ms per
+token for DECODE_STEPS single-token steps after a CTX-token prompt, every variant timed in this same run.
+
+llama.cpp is not run here: BENCHMARKS.md cites its figures from issue 18 (llama-perplexity --kl-divergence,
+same text and windows) until a llama.cpp build is available on the benchmark machine.
+
+Usage: OMP_NUM_THREADS=1 python benchmarks/quant_quality.py [--arch falcon_mamba] [--backend onnx]
+       [--coreml-chunks 8] [--json benchmarks/results/quant_quality.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+from perch.dev.fixtures import fixture_dir  # noqa: E402
+from perch.dev.tokenizer import split_corpus  # noqa: E402
+from perch.exporter.calibration import calibrate  # noqa: E402
+from perch.exporter.export import QUANTIZE, ExportOptions, export  # noqa: E402
+from perch.exporter.to_onnx import quantize_artifact  # noqa: E402
+from perch.loading import load_checkpoint  # noqa: E402
+from perch.runtimes import open_artifact  # noqa: E402
+from perch.runtimes.pytorch.reference import ReferenceRuntime  # noqa: E402
+from perch.validate.metrics import log_softmax  # noqa: E402
+
+CHUNKS, CTX = 32, 128
+DECODE_STEPS = 32
+VARIANTS = ("int4", "int4-mixed", "int4-search", "int4-rtn", "int8")
+
+
+def windows(model_dir: Path, chunks: int) -> np.ndarray:
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(model_dir).encode(split_corpus()[1])
+    return np.asarray(ids[: chunks * CTX]).reshape(chunks, CTX)
+
+
+def scored_logits(rt, ids: np.ndarray) -> np.ndarray:
+    """(chunks, CTX/2, vocab): logits predicting the second half of each window, each from an empty state."""
+    out = []
+    for row in ids:
+        rt.reset(1)
+        out.append(rt.prefill(row[None])[0, CTX // 2 - 1 : CTX - 1].astype(np.float64))
+    return np.stack(out)
+
+
+def compare(ref: np.ndarray, art: np.ndarray, ids: np.ndarray) -> dict:
+    lr, la = log_softmax(ref), log_softmax(art)
+    kl = (np.exp(lr) * (lr - la)).sum(-1)
+    tgt = ids[: len(ref), CTX // 2 :, None]
+    ppl = lambda lp: float(np.exp(-np.take_along_axis(lp, tgt, -1).mean()))  # noqa: E731
+    return {"kl_mean": float(kl.mean()), "top1": float((ref.argmax(-1) == art.argmax(-1)).mean()),
+            "ppl_change_pct": 100 * (ppl(la) / ppl(lr) - 1), "scored": int(kl.size)}
+
+
+def decode_ms(rt, prompt: np.ndarray, steps: int = DECODE_STEPS) -> float:
+    rt.reset(1)
+    logits = rt.prefill(prompt[None])[:, -1]
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        logits = rt.step(np.array([int(logits.argmax(-1)[0])]))
+    return 1000 * (time.perf_counter() - t0) / steps
+
+
+def make(ckpt, backend: str, variant: str, out: Path, cal, onnx_float: Path | None):
+    """One artifact. ONNX variants quantize the float export (one trace per fixture, calibration shared)."""
+    if backend == "onnx" and variant != "none" and onnx_float is not None:
+        return quantize_artifact(onnx_float, out, variant, 32, calibration=cal)
+    dtype = "fp32" if backend == "onnx" else "fp16"
+    return export(ckpt, out, ExportOptions(to=backend, dtype=dtype, quantize=variant, max_context=256))
+
+
+def measure(arch: str, backends: list[str], variants: list[str], work: Path, coreml_chunks: int) -> list[dict]:
+    model_dir = fixture_dir(arch)
+    ids = windows(model_dir, CHUNKS)
+    ckpt = load_checkpoint(model_dir)
+    ref = scored_logits(ReferenceRuntime(ckpt), ids)
+    t0 = time.perf_counter()
+    cal = calibrate(ckpt)
+    print(f"calibration ({cal.info['windows']} tokens): {time.perf_counter() - t0:.0f} s", flush=True)
+    rows = []
+    for backend in backends:
+        n = CHUNKS if backend == "onnx" else coreml_chunks
+        onnx_float = None
+        for variant in ("none", *[v for v in variants if v in QUANTIZE[backend]]):
+            out = work / f"{arch}-{backend}-{variant}"
+            t0 = time.perf_counter()
+            m = make(ckpt, backend, variant, out, cal, onnx_float)
+            seconds = time.perf_counter() - t0
+            rt = open_artifact(out)
+            row = {"arch": arch, "backend": backend, "precision": "fp32" if backend == "onnx" else "fp16", "quantize": variant, "chunks": n,
+                   **compare(ref[:n], scored_logits(rt, ids[:n]), ids),
+                   "bits_per_weight": m.quantization.get("bits_per_weight"),
+                   "decode_ms": decode_ms(rt, ids[0]), "export_seconds": round(seconds, 1)}
+            rt.close()
+            if backend == "onnx" and variant == "none":
+                onnx_float = out
+            else:
+                shutil.rmtree(out)
+            rows.append(row)
+            print_row(row)
+    return rows
+
+
+def print_row(r: dict) -> None:
+    bpw = f"{r['bits_per_weight']:.3f}" if r.get("bits_per_weight") else "  -  "
+    print(f"| {r['arch']} | {r['backend']} | {r['quantize']} | {r['kl_mean']:.5f} | {100 * r['top1']:.1f}% | "
+          f"{r['ppl_change_pct']:+.2f}% | {bpw} | {r['decode_ms']:.2f} | {r['chunks']} |", flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", action="append", choices=["falcon", "falcon_mamba"])
+    ap.add_argument("--backend", action="append", choices=["onnx", "coreml"])
+    ap.add_argument("--variant", action="append", help=f"default: {', '.join(VARIANTS)} (and palettize4 on Core ML)")
+    ap.add_argument("--coreml-chunks", type=int, default=8, help="windows scored on Core ML (its executor is slow)")
+    ap.add_argument("--json", default="benchmarks/results/quant_quality.json")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    variants = a.variant or [*VARIANTS, "palettize4"]
+    print("| arch | backend | quantize | mean KL | same top-1 | ppl change | bits/weight | decode ms/token | windows |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in a.arch or ["falcon", "falcon_mamba"]:
+            rows += measure(arch, a.backend or ["onnx", "coreml"], variants, Path(tmp), a.coreml_chunks)
+    meta = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "chunks": CHUNKS, "ctx": CTX,
+            "decode_steps": DECODE_STEPS, "command": " ".join(sys.argv)}
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

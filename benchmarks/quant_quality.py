@@ -117,6 +117,33 @@ def measure(arch: str, backends: list[str], variants: list[str], work: Path, cor
     return rows
 
 
+def speed(arch: str, variants: list[str], work: Path, rounds: int) -> list[dict]:
+    """Decode ms/token of each ONNX variant, timed in alternating rounds in this process (min over rounds).
+
+    Calibration uses 8 windows here: the artifact's layout (ops, bits and blocks per tensor), which is all
+    that decode speed depends on, is the same as with the full calibration set.
+    """
+    model_dir = fixture_dir(arch)
+    ckpt, ids = load_checkpoint(model_dir), windows(model_dir, 1)
+    cal = calibrate(ckpt, chunks=8)
+    base = make(ckpt, "onnx", "none", work / f"{arch}-speed-none", cal, None)
+    del base
+    paths = {"none": work / f"{arch}-speed-none"}
+    for v in variants:
+        paths[v] = work / f"{arch}-speed-{v}"
+        make(ckpt, "onnx", v, paths[v], cal, paths["none"])
+    rts = {v: open_artifact(p) for v, p in paths.items()}
+    best = {v: float("inf") for v in rts}
+    for _ in range(rounds):
+        for v, rt in rts.items():
+            best[v] = min(best[v], decode_ms(rt, ids[0]))
+    rows = [{"arch": arch, "backend": "onnx", "quantize": v, "decode_ms_min": ms, "rounds": rounds}
+            for v, ms in best.items()]
+    for r in rows:
+        print(f"| {arch} | onnx | {r['quantize']} | {r['decode_ms_min']:.2f} ms/token (min of {rounds}) |", flush=True)
+    return rows
+
+
 def print_row(r: dict) -> None:
     bpw = f"{r['bits_per_weight']:.3f}" if r.get("bits_per_weight") else "  -  "
     print(f"| {r['arch']} | {r['backend']} | {r['quantize']} | {r['kl_mean']:.5f} | {100 * r['top1']:.1f}% | "
@@ -130,9 +157,18 @@ def main() -> int:
     ap.add_argument("--variant", action="append", help=f"default: {', '.join(VARIANTS)} (and palettize4 on Core ML)")
     ap.add_argument("--coreml-chunks", type=int, default=8, help="windows scored on Core ML (its executor is slow)")
     ap.add_argument("--json", default="benchmarks/results/quant_quality.json")
+    ap.add_argument("--speed-rounds", type=int, help="only time ONNX decode, alternating variants this many rounds")
     a = ap.parse_args()
     torch.set_num_threads(1)
     variants = a.variant or [*VARIANTS, "palettize4"]
+    if a.speed_rounds:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = [r for arch in a.arch or ["falcon", "falcon_mamba"]
+                    for r in speed(arch, [v for v in variants if v in QUANTIZE["onnx"]], Path(tmp), a.speed_rounds)]
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"meta": {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)},
+                                            "results": rows}, indent=2) + "\n")
+        return 0
     print("| arch | backend | quantize | mean KL | same top-1 | ppl change | bits/weight | decode ms/token | windows |")
     print("|---|---|---|---|---|---|---|---|---|")
     rows = []

@@ -75,8 +75,3 @@ def recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise PerchError(f"unknown quantization {name!r}; choose one of {', '.join(RECIPES)}")
     return RECIPES[name]
-
-
-def tolerance_key(method: str) -> str:
-    """The tolerance table's key for a method: every int4 variant shares the int4 limits."""
-    return "int4" if method.startswith("int4") else method

@@ -87,3 +87,38 @@ def test_unknown_kernels_is_a_perch_error(load_preset):
 def test_gpu_reference_without_cuda_is_a_perch_error(load_preset):
     with pytest.raises(PerchError, match="CUDA"):
         open_gpu_reference(load_preset("falcon-tiny"))
+
+
+def _sig(**kinds: str) -> dict:
+    return kinds
+
+
+# The Triton kernels at Falcon-Mamba-7B's shapes, compiled to an H100/H200 (sm_90) binary on this CPU machine:
+# Triton's compiler (through ptxas) needs no GPU, so type and lowering errors show up here, not in the GPU run.
+SM90_JOBS = {
+    "add_rms_norm_kernel": (_sig(res_ptr="*fp32", delta_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", H="i32", eps="fp32",
+                                 HAS_DELTA="constexpr", BLOCK_H="constexpr"), {"HAS_DELTA": True, "BLOCK_H": 4096}),
+    "conv_step_kernel": (_sig(x_ptr="*bf16", state_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", u_ptr="*bf16", D="i32",
+                              stride_xb="i32", K="constexpr", KP="constexpr", HAS_BIAS="constexpr", BLOCK="constexpr"),
+                         {"K": 4, "KP": 4, "HAS_BIAS": True, "BLOCK": mk.BLOCK_D}),
+    "ssm_scan_kernel": (_sig(state_ptr="*fp32", u_ptr="*bf16", dtl_ptr="*bf16", xdbc_ptr="*bf16", z_ptr="*bf16",
+                             y_ptr="*bf16", a_ptr="*fp32", d_ptr="*fp32", dtb_ptr="*fp32", T="i32", D="i32", eps="fp32",
+                             **dict.fromkeys("su_b su_t sdt_b sdt_t sx_b sx_t sz_b sz_t sy_b sy_t".split(), "i32"),
+                             R="constexpr", RP="constexpr", N="constexpr", BLOCK="constexpr"),
+                        {"R": 256, "RP": 256, "N": 16, "BLOCK": mk.BLOCK_D}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SM90_JOBS))
+def test_triton_kernels_compile_for_the_gpu_machine(name):
+    if mk.triton is None:
+        pytest.skip("triton is not installed (it is in the [test] extra)")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(mk, name)
+    signature, constexprs = SM90_JOBS[name]
+    assert list(signature) == fn.arg_names  # the table follows the kernel's real arguments
+    src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    compiled = mk.triton.compile(src, target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"]

@@ -11,6 +11,8 @@ CPU, which is how tests check it against transformers without a GPU.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -254,6 +256,9 @@ def open_gpu_reference(ckpt, *, dtype: torch.dtype = torch.bfloat16, max_context
     _require_cuda()
     if ckpt.arch == "falcon":
         return FastFalcon(ckpt.config, ckpt.state_dict, dtype=dtype, max_context=max_context, cuda_graphs=cuda_graphs)
+    if importlib.util.find_spec("triton") is None:
+        raise PerchError("the fast Falcon-Mamba reference needs triton (it ships with CUDA builds of torch); "
+                         "`pip install triton`, or use --device cpu")
     return FastFalconMamba(ckpt.config, ckpt.state_dict, dtype=dtype, max_context=max_context, cuda_graphs=cuda_graphs)
 
 

@@ -15,7 +15,6 @@ against the twins in Triton's CPU interpreter (TRITON_INTERPRET=1) and the twins
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -60,91 +59,95 @@ def ssm_scan_torch(state, u, dtl, xdbc, z, a, d, dt_bias, eps: float) -> torch.T
     return y.transpose(1, 2).to(u.dtype)
 
 
-# ---- Triton kernels, built on first use (so TRITON_INTERPRET can be set before, and triton stays optional)
-@functools.lru_cache(maxsize=2)
-def _triton_kernels(interpret: bool):
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        raise PerchError("kernels='triton' needs triton (it ships with CUDA builds of torch; "
-                         "`pip install triton` elsewhere)") from None
+# ---- Triton kernels (module level: Triton resolves `tl` through the kernel's globals, and reads
+# TRITON_INTERPRET when a kernel is decorated, i.e. when this module is first imported)
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch twins still work
+    triton = tl = None
 
-    @triton.jit
-    def add_rms_norm_kernel(res_ptr, delta_ptr, w_ptr, out_ptr, H, eps,
-                            HAS_DELTA: tl.constexpr, BLOCK_H: tl.constexpr):
-        row = tl.program_id(0)
-        h = tl.arange(0, BLOCK_H)
-        m = h < H
-        x = tl.load(res_ptr + row * H + h, mask=m, other=0.0)
-        if HAS_DELTA:
-            x += tl.load(delta_ptr + row * H + h, mask=m, other=0.0).to(tl.float32)
-            tl.store(res_ptr + row * H + h, x, mask=m)
-        x = x.to(out_ptr.dtype.element_ty).to(tl.float32)  # the norm's input is in the model dtype
-        normed = (x * tl.rsqrt(tl.sum(x * x, 0) / H + eps)).to(out_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(w_ptr + h, mask=m, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * H + h, (w * normed).to(out_ptr.dtype.element_ty), mask=m)
 
-    @triton.jit
-    def conv_step_kernel(x_ptr, state_ptr, w_ptr, b_ptr, u_ptr, D, stride_xb,
-                         K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-        bi, pd = tl.program_id(0), tl.program_id(1)
-        dd = pd * BLOCK + tl.arange(0, BLOCK)
-        dm = dd < D
-        k = tl.arange(0, KP)
-        x = tl.load(x_ptr + bi * stride_xb + dd, mask=dm, other=0.0)
-        srow = state_ptr + bi * D * K + dd[:, None] * K
-        shifted = tl.load(srow + k[None, :] + 1, mask=dm[:, None] & (k[None, :] + 1 < K), other=0.0)
-        win = tl.where(k[None, :] == K - 1, x[:, None].to(shifted.dtype), shifted)  # (BLOCK, KP)
-        wmask = dm[:, None] & (k[None, :] < K)
-        w = tl.load(w_ptr + dd[:, None] * K + k[None, :], mask=wmask, other=0.0).to(tl.float32)
-        y = tl.sum(win.to(tl.float32) * w, 1)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + dd, mask=dm, other=0.0).to(tl.float32)
-        tl.store(srow + k[None, :], win, mask=wmask)
-        tl.store(u_ptr + bi * D + dd, (y * tl.sigmoid(y)).to(u_ptr.dtype.element_ty), mask=dm)
+def _jit(fn):
+    """triton.jit where triton is installed; elsewhere the plain function (never launched: `_kernels` refuses)."""
+    return triton.jit(fn) if triton is not None else fn
 
-    @triton.jit
-    def ssm_scan_kernel(state_ptr, u_ptr, dtl_ptr, xdbc_ptr, z_ptr, y_ptr, a_ptr, d_ptr, dtb_ptr,
-                        T, D, eps, su_b, su_t, sdt_b, sdt_t, sx_b, sx_t, sz_b, sz_t, sy_b, sy_t,
-                        R: tl.constexpr, RP: tl.constexpr, N: tl.constexpr, BLOCK: tl.constexpr):
-        bi, pd = tl.program_id(0), tl.program_id(1)
-        dd = pd * BLOCK + tl.arange(0, BLOCK)
-        dm = dd < D
-        n = tl.arange(0, N)
-        r = tl.arange(0, RP)
-        sptr = state_ptr + bi * D * N + dd[:, None] * N + n[None, :]
-        h = tl.load(sptr, mask=dm[:, None], other=0.0)
-        a = tl.load(a_ptr + dd[:, None] * N + n[None, :], mask=dm[:, None], other=0.0)
-        dskip = tl.load(d_ptr + dd, mask=dm, other=0.0).to(tl.float32)
-        dtb = tl.load(dtb_ptr + dd, mask=dm, other=0.0).to(tl.float32)
-        for t in range(T):
-            xrow = xdbc_ptr + bi * sx_b + t * sx_t
-            dtr = tl.load(xrow + r, mask=r < R, other=0.0).to(tl.float32)
-            bb = tl.load(xrow + R + n).to(tl.float32)
-            cc = tl.load(xrow + R + N + n).to(tl.float32)
-            # weightless RMS norms, rounded to the model dtype as transformers does
-            bb = (bb * tl.rsqrt(tl.sum(bb * bb, 0) / N + eps)).to(xdbc_ptr.dtype.element_ty).to(tl.float32)
-            cc = (cc * tl.rsqrt(tl.sum(cc * cc, 0) / N + eps)).to(xdbc_ptr.dtype.element_ty).to(tl.float32)
-            u = tl.load(u_ptr + bi * su_b + t * su_t + dd, mask=dm, other=0.0).to(tl.float32)
-            dt = tl.load(dtl_ptr + bi * sdt_b + t * sdt_t + dd, mask=dm, other=0.0).to(tl.float32)
-            dt = dt * tl.rsqrt(tl.sum(dtr * dtr, 0) / R + eps) + dtb
-            dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))  # softplus, torch's threshold
-            h = tl.exp(dt[:, None] * a) * h + (dt * u)[:, None] * bb[None, :]
-            y = tl.sum(h * cc[None, :], 1) + u * dskip
-            z = tl.load(z_ptr + bi * sz_b + t * sz_t + dd, mask=dm, other=0.0).to(tl.float32)
-            tl.store(y_ptr + bi * sy_b + t * sy_t + dd, (y * z * tl.sigmoid(z)).to(y_ptr.dtype.element_ty), mask=dm)
-        tl.store(sptr, h, mask=dm[:, None])
 
-    return triton, add_rms_norm_kernel, conv_step_kernel, ssm_scan_kernel
+@_jit
+def add_rms_norm_kernel(res_ptr, delta_ptr, w_ptr, out_ptr, H, eps,
+                        HAS_DELTA: tl.constexpr, BLOCK_H: tl.constexpr):
+    row = tl.program_id(0)
+    h = tl.arange(0, BLOCK_H)
+    m = h < H
+    x = tl.load(res_ptr + row * H + h, mask=m, other=0.0)
+    if HAS_DELTA:
+        x += tl.load(delta_ptr + row * H + h, mask=m, other=0.0).to(tl.float32)
+        tl.store(res_ptr + row * H + h, x, mask=m)
+    x = x.to(out_ptr.dtype.element_ty).to(tl.float32)  # the norm's input is in the model dtype
+    normed = (x * tl.rsqrt(tl.sum(x * x, 0) / H + eps)).to(out_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + h, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * H + h, (w * normed).to(out_ptr.dtype.element_ty), mask=m)
+
+@_jit
+def conv_step_kernel(x_ptr, state_ptr, w_ptr, b_ptr, u_ptr, D, stride_xb,
+                     K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    bi, pd = tl.program_id(0), tl.program_id(1)
+    dd = pd * BLOCK + tl.arange(0, BLOCK)
+    dm = dd < D
+    k = tl.arange(0, KP)
+    x = tl.load(x_ptr + bi * stride_xb + dd, mask=dm, other=0.0)
+    srow = state_ptr + bi * D * K + dd[:, None] * K
+    shifted = tl.load(srow + k[None, :] + 1, mask=dm[:, None] & (k[None, :] + 1 < K), other=0.0)
+    win = tl.where(k[None, :] == K - 1, x[:, None].to(shifted.dtype), shifted)  # (BLOCK, KP)
+    wmask = dm[:, None] & (k[None, :] < K)
+    w = tl.load(w_ptr + dd[:, None] * K + k[None, :], mask=wmask, other=0.0).to(tl.float32)
+    y = tl.sum(win.to(tl.float32) * w, 1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + dd, mask=dm, other=0.0).to(tl.float32)
+    tl.store(srow + k[None, :], win, mask=wmask)
+    tl.store(u_ptr + bi * D + dd, (y * tl.sigmoid(y)).to(u_ptr.dtype.element_ty), mask=dm)
+
+@_jit
+def ssm_scan_kernel(state_ptr, u_ptr, dtl_ptr, xdbc_ptr, z_ptr, y_ptr, a_ptr, d_ptr, dtb_ptr,
+                    T, D, eps, su_b, su_t, sdt_b, sdt_t, sx_b, sx_t, sz_b, sz_t, sy_b, sy_t,
+                    R: tl.constexpr, RP: tl.constexpr, N: tl.constexpr, BLOCK: tl.constexpr):
+    bi, pd = tl.program_id(0), tl.program_id(1)
+    dd = pd * BLOCK + tl.arange(0, BLOCK)
+    dm = dd < D
+    n = tl.arange(0, N)
+    r = tl.arange(0, RP)
+    sptr = state_ptr + bi * D * N + dd[:, None] * N + n[None, :]
+    h = tl.load(sptr, mask=dm[:, None], other=0.0)
+    a = tl.load(a_ptr + dd[:, None] * N + n[None, :], mask=dm[:, None], other=0.0)
+    dskip = tl.load(d_ptr + dd, mask=dm, other=0.0).to(tl.float32)
+    dtb = tl.load(dtb_ptr + dd, mask=dm, other=0.0).to(tl.float32)
+    for t in range(T):
+        xrow = xdbc_ptr + bi * sx_b + t * sx_t
+        dtr = tl.load(xrow + r, mask=r < R, other=0.0).to(tl.float32)
+        bb = tl.load(xrow + R + n).to(tl.float32)
+        cc = tl.load(xrow + R + N + n).to(tl.float32)
+        # weightless RMS norms, rounded to the model dtype as transformers does
+        bb = (bb * tl.rsqrt(tl.sum(bb * bb, 0) / N + eps)).to(xdbc_ptr.dtype.element_ty).to(tl.float32)
+        cc = (cc * tl.rsqrt(tl.sum(cc * cc, 0) / N + eps)).to(xdbc_ptr.dtype.element_ty).to(tl.float32)
+        u = tl.load(u_ptr + bi * su_b + t * su_t + dd, mask=dm, other=0.0).to(tl.float32)
+        dt = tl.load(dtl_ptr + bi * sdt_b + t * sdt_t + dd, mask=dm, other=0.0).to(tl.float32)
+        dt = dt * tl.rsqrt(tl.sum(dtr * dtr, 0) / R + eps) + dtb
+        dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))  # softplus, torch's threshold
+        h = tl.exp(dt[:, None] * a) * h + (dt * u)[:, None] * bb[None, :]
+        y = tl.sum(h * cc[None, :], 1) + u * dskip
+        z = tl.load(z_ptr + bi * sz_b + t * sz_t + dd, mask=dm, other=0.0).to(tl.float32)
+        tl.store(y_ptr + bi * sy_b + t * sy_t + dd, (y * z * tl.sigmoid(z)).to(y_ptr.dtype.element_ty), mask=dm)
+    tl.store(sptr, h, mask=dm[:, None])
 
 
 def _kernels(*tensors: torch.Tensor):
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if not interpret and any(t.device.type != "cuda" for t in tensors):
-        raise PerchError("the Triton kernels run on CUDA tensors (or on CPU with TRITON_INTERPRET=1); "
-                         "use kernels='torch' on CPU")
-    return _triton_kernels(interpret)
+    if triton is None:
+        raise PerchError("kernels='triton' needs triton (it ships with CUDA builds of torch; "
+                         "`pip install triton` elsewhere)")
+    if os.environ.get("TRITON_INTERPRET") != "1" and any(t.device.type != "cuda" for t in tensors):
+        raise PerchError("the Triton kernels run on CUDA tensors (or on CPU with TRITON_INTERPRET=1 set before "
+                         "triton is imported); use kernels='torch' on CPU")
+    return triton, add_rms_norm_kernel, conv_step_kernel, ssm_scan_kernel
 
 
 def _last_dim_contiguous(*tensors: torch.Tensor) -> None:

@@ -245,7 +245,8 @@ def _f(x, fmt: str) -> str:
 
 def markdown(meta: dict, presets: list[dict], rows: list[dict]) -> str:
     floors = {p["preset"]: p for p in presets}
-    head = (f"{meta['device']}, torch {meta['torch']}, transformers {meta['transformers']}, onnxruntime "
+    head = (f"{meta['device']}, torch {meta['torch']} (CUDA {meta['cuda']}), triton {meta['triton']}, "
+            f"transformers {meta['transformers']}, onnxruntime "
             f"{meta['onnxruntime']}, {meta['dtype']}, prompt {meta['prompt']}, {meta['steps']} decode steps, "
             f"median of {meta['repeats']}; floor = weight bytes / {meta['bandwidth'] / 1e12:.1f} TB/s\n\n")
     lines = ["| preset | path | batch | prefill ms | decode ms/step | tok/s | x floor | peak GPU GB | top-1 | KL | max abs |",
@@ -271,8 +272,15 @@ def environment(a: argparse.Namespace) -> dict:
         ort = f"{onnxruntime.__version__} ({', '.join(onnxruntime.get_available_providers())})"
     except ImportError:
         ort = "not installed"
+    try:
+        import triton
+
+        tri = triton.__version__
+    except ImportError:
+        tri = "not installed"
     device = torch.cuda.get_device_name() if a.device == "cuda" else "CPU (dry run)" if a.dry_run else "CPU"
-    return {"device": device, "torch": torch.__version__, "transformers": transformers.__version__, "onnxruntime": ort,
+    return {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": tri,
+            "transformers": transformers.__version__, "onnxruntime": ort,
             "dtype": "bf16" if a.device == "cuda" else "fp32", "prompt": a.prompt, "steps": a.steps,
             "repeats": a.repeats, "batches": a.batches, "bandwidth": a.bandwidth, "dry_run": a.dry_run,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "argv": sys.argv[1:]}

@@ -113,7 +113,7 @@ def variants(ckpt: Checkpoint, ctx: int) -> dict:
     }
 
 
-# Real exports of the fixtures: (format, --dtype / compute precision, --quantize).
+# Real exports of the fixtures: (format, --precision, --quantize).
 ARTIFACTS = (("onnx", "fp32", "none"), ("onnx", "fp16", "none"), ("onnx", "fp32", "int8"), ("onnx", "fp32", "int4"),
              ("coreml", "fp32", "none"), ("coreml", "fp16", "none"), ("coreml", "fp16", "int8"),
              ("coreml", "fp16", "int4"), ("coreml", "fp16", "palettize4"))
@@ -121,12 +121,12 @@ ARTIFACTS = (("onnx", "fp32", "none"), ("onnx", "fp16", "none"), ("onnx", "fp32"
 
 def artifacts(ckpt: Checkpoint, ctx: int, tmp: Path) -> dict:
     """name -> factory exporting the fixture with the real exporter and opening it with its runtime."""
-    from perch.exporter.export import ExportOptions, export
+    from perch.exporter.export import export, options_for
     from perch.runtimes import open_artifact
 
     def make(fmt, dtype, quant):
         out = tmp / f"{ckpt.arch}-{fmt}-{dtype}-{quant}"
-        export(ckpt, out, ExportOptions(to=fmt, dtype=dtype, quantize=quant, max_context=ctx))
+        export(ckpt, out, options_for(fmt, precision=dtype, quantize=quant, max_context=ctx))
         return open_artifact(out)
 
     return {f"{fmt} {dtype} {quant}": (lambda f=fmt, d=dtype, q=quant: make(f, d, q))

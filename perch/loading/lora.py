@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from perch.errors import PerchError
-from perch.loading.checkpoint import _arch_entry, _read_file
+from perch.loading.files import arch_entry, read_tensor_file
 
 
 # Adapter features that change the model beyond W += scale * B @ A: merging them here would be wrong.
@@ -42,7 +42,7 @@ def _adapter_tensors(adapter_dir: Path, allow_pickle: bool) -> dict[str, torch.T
         if (adapter_dir / name).is_file():
             if fmt == "pickle" and not allow_pickle:
                 raise PerchError(f"{adapter_dir / name} is a pickle file; pass --allow-pickle if you trust it")
-            sd = _read_file(adapter_dir / name, fmt)
+            sd = read_tensor_file(adapter_dir / name, fmt)
             return {k.removeprefix("base_model.model."): v for k, v in sd.items()}
     raise PerchError(f"no adapter_model.safetensors in {adapter_dir}")
 
@@ -67,7 +67,7 @@ def merge_adapter(state_dict: dict[str, torch.Tensor], adapter_dir: str | Path, 
     """
     adapter_dir = Path(adapter_dir)
     cfg, tensors = _adapter_config(adapter_dir), _adapter_tensors(adapter_dir, allow_pickle)
-    entry, sd = _arch_entry(config), dict(state_dict)
+    entry, sd = arch_entry(config), dict(state_dict)
     tied = bool(getattr(config, "tie_word_embeddings", False)) and entry is not None
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -79,15 +79,15 @@ def merge_adapter(state_dict: dict[str, torch.Tensor], adapter_dir: str | Path, 
     for mod, parts in groups.items():
         _merge_module(sd, mod, parts, cfg, entry, tied)
     if tied:
-        sd["lm_head.weight"] = sd[entry["embedding"]]
+        sd["lm_head.weight"] = sd[entry.EMBEDDING]
     return sd
 
 
 def _target(sd: dict, mod: str, suffix: str, entry: dict | None, tied: bool) -> str:
     key = f"{mod}.{suffix}"
     if tied and key == "lm_head.weight":
-        return entry["embedding"]  # one tensor: peft merges into the shared parameter
-    for cand in (key, f"{entry['prefix']}.{key}" if entry else key):
+        return entry.EMBEDDING  # one tensor: peft merges into the shared parameter
+    for cand in (key, f"{entry.PREFIX}.{key}" if entry else key):
         if cand in sd:
             return cand
     raise PerchError(f"adapter targets {key}, which this model does not have: the adapter was trained "

@@ -23,6 +23,7 @@ from perch.validate.render import write_report
 from perch.validate.report import validate_report
 from perch.validate.runner import check
 from tests.matrix import FIRST_PRESET
+from perch.validate.controls import DroppedStateWrite, ShiftedDecode, perturbed
 from perch.validate.tolerances import DEFAULTS, loosest, precision_of, tolerance_for, tolerance_for_precision
 
 CTX = 64
@@ -30,39 +31,6 @@ N_NEW = 6
 FP32 = tolerance_for_precision("fp32")
 PRESET_OF = FIRST_PRESET
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-class ShiftedDecode(EagerRuntime):
-    """Off by one: every decode step rotates its query and key one position too far."""
-
-    name = "broken-position"
-
-    def _forward(self, ids, mask, positions):
-        return super()._forward(ids, mask, positions + 1 if ids.shape[1] == 1 else positions)
-
-
-class DroppedStateWrite(EagerRuntime):
-    """Layer 1's state write never lands (Core ML's silent miscompile): its cache grows by zeros and its
-    conv/SSM state stays as it was."""
-
-    name = "broken-state-write"
-
-    def _forward(self, ids, mask, positions):
-        before = dict(self.past)
-        out = super()._forward(ids, mask, positions)
-        for key in [k for k in before if k.endswith(".1")]:
-            new, old = self.past[key], before[key]
-            grown = new.shape[2] - old.shape[2] if new.shape != old.shape else 0
-            self.past[key] = torch.cat([old, torch.zeros_like(new[:, :, old.shape[2]:])], 2) if grown else old
-        return out
-
-
-def perturbed(ckpt: Checkpoint, layer: int = 1, scale: float = 1.05) -> Checkpoint:
-    """A copy whose first 2-D weight in `layer` is scaled by `scale`."""
-    sd = dict(ckpt.state_dict)
-    key = next(k for k in sd if f".{layer}." in k and k.endswith(".weight") and sd[k].ndim == 2)
-    sd[key] = sd[key] * scale
-    return Checkpoint(ckpt.model_dir, ckpt.config, ckpt.arch, sd, ckpt.source)
 
 
 # arch -> broken variant -> (runtime factory, where the first drift is: "prefill" at step 0 or the first

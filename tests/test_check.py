@@ -12,8 +12,6 @@ import torch
 
 from perch.runtimes.pytorch.eager import EagerRuntime
 from perch.errors import PerchError
-from perch.loading import Checkpoint
-from perch.dev.presets import PRESETS
 from perch.spec import Manifest
 from perch.runtimes.pytorch.reference import ReferenceRuntime
 from perch.validate import metrics

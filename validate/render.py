@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from perch.validate.report import CheckReport, validate_report
-from perch.validate.summary import _bisect_line, _describe, _metric_rows, fmt as _fmt
+from perch.validate.summary import _describe, _metric_rows, _speed_lines, fmt as _fmt
 
 
 def _md_table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:

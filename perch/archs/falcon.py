@@ -210,18 +210,12 @@ class FalconLayer(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        eps = config.layer_norm_epsilon
-        self.two_norms = config.new_decoder_architecture and (config.num_ln_in_parallel_attn or 2) == 2
-        self.parallel = config.new_decoder_architecture or config.parallel_attn
+        layout = falcon_layout(config)  # the one place transformers' layout rules are resolved
+        self.two_norms, self.parallel = "ln_mlp" in layout.layer_norms, layout.parallel_attn
         self.self_attention = FalconAttention(config)
         self.mlp = FalconMLP(config)
-        if self.two_norms:
-            self.ln_attn = nn.LayerNorm(config.hidden_size, eps=eps)
-            self.ln_mlp = nn.LayerNorm(config.hidden_size, eps=eps)
-        else:
-            self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=eps)
-        if not self.parallel:
-            self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=eps)
+        for name in layout.layer_norms:
+            setattr(self, name, nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon))
 
     def attn_input(self, x: torch.Tensor) -> torch.Tensor:
         return self.ln_attn(x) if self.two_norms else self.input_layernorm(x)

@@ -18,7 +18,7 @@ import torch
 
 from perch.archs import arch_for_model_type, detect_arch, translate_config, unsupported
 from perch.loading.bnb import _dequantize_bnb
-from perch.loading.files import arch_entry, read_tensor_file
+from perch.loading.files import arch_entry, read_json, read_tensor_file
 from perch.loading.lora import merge_adapter
 from perch.errors import PerchError
 
@@ -70,12 +70,7 @@ def load_config(model_dir: str | Path):
     Legacy names are mapped by the architecture (e.g. Falcon's RefinedWeb remote-code configs -> FalconConfig).
     """
     path = Path(model_dir) / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PerchError(f"{path} not found: a model directory needs the config.json it was saved with") from None
-    except (OSError, ValueError) as e:
-        raise PerchError(f"{path} is unreadable or not valid JSON ({e}); re-download or re-save the model") from e
+    raw = read_json(path, "a model directory needs the config.json it was saved with")
     if not isinstance(raw, dict) or "model_type" not in raw:
         raise PerchError(f"{path} has no model_type: not a transformers config; re-save the model with save_pretrained")
     raw.pop("auto_map", None)  # the in-library class replaces any remote code it points to

@@ -1,6 +1,7 @@
 """Reading one checkpoint file, and the architecture facts loading needs: shared by checkpoints and adapters."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -27,3 +28,13 @@ def read_tensor_file(path: Path, fmt: str) -> dict[str, torch.Tensor]:
 def arch_entry(config):
     """The architecture module of a config (its PREFIX and EMBEDDING keys), or None."""
     return arch_for_model_type(getattr(config, "model_type", None))
+
+
+def read_json(path: Path, missing: str) -> object:
+    """A JSON file's content; PerchError naming the file and the fix when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise PerchError(f"{path} not found: {missing}") from None
+    except (OSError, ValueError) as e:
+        raise PerchError(f"{path} is unreadable or not valid JSON ({e}); re-download or re-save it") from e

@@ -1,7 +1,6 @@
 """PEFT LoRA adapters (as QLoRA fine-tuning saves them) merged into a state dict: W += scale * B @ A."""
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -9,7 +8,7 @@ from pathlib import Path
 import torch
 
 from perch.errors import PerchError
-from perch.loading.files import arch_entry, read_tensor_file
+from perch.loading.files import arch_entry, read_json, read_tensor_file
 
 
 # Adapter features that change the model beyond W += scale * B @ A: merging them here would be wrong.
@@ -21,12 +20,7 @@ _LORA_KEY = re.compile(r"^(?P<mod>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lo
 
 def _adapter_config(adapter_dir: Path) -> dict:
     path = adapter_dir / "adapter_config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PerchError(f"{path} not found: pass the directory PEFT's save_pretrained wrote") from None
-    except (OSError, ValueError) as e:
-        raise PerchError(f"{path} is unreadable or not valid JSON ({e})") from e
+    cfg = read_json(path, "pass the directory PEFT's save_pretrained wrote")
     if cfg.get("peft_type") != "LORA":
         raise PerchError(f"adapter {adapter_dir}: PEFT type {cfg.get('peft_type')!r} is not supported, only LoRA; "
                          "merge it with peft's merge_and_unload(), save, and export the merged model")

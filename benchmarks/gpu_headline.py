@@ -101,11 +101,8 @@ def open_path(path: str, ckpt, a: argparse.Namespace, dtype: torch.dtype, max_co
 
         if a.device == "cuda":
             return open_gpu_reference(ckpt, dtype=dtype, max_context=max_context)
-        if ckpt.arch == "falcon":
-            return FastFalcon(ckpt.config, ckpt.state_dict, device="cpu", dtype=dtype, max_context=max_context,
-                              cuda_graphs=False)
-        return FastFalconMamba(ckpt.config, ckpt.state_dict, device="cpu", dtype=dtype, max_context=max_context,
-                               cuda_graphs=False, kernels="torch")
+        fast = {cls.ARCH: cls for cls in (FastFalcon, FastFalconMamba)}[ckpt.arch]  # torch twins on CPU, no graphs
+        return fast(ckpt.config, ckpt.state_dict, device="cpu", dtype=dtype, max_context=max_context, cuda_graphs=False)
     return open_onnx(path, ckpt, a.device, max_context, workdir)
 
 
@@ -114,11 +111,13 @@ def open_onnx(path: str, ckpt, device: str, max_context: int, workdir: Path):
     from perch.runtimes.onnxrt import OnnxRuntime, providers_for
 
     providers_for(device)  # PerchError without onnxruntime-gpu's CUDA provider: before a slow export
-    from perch.exporter.export import ExportOptions, export
+    from perch.archs import arch_module
+    from perch.exporter.export import export, options_for
 
-    variant = "inplace" if ckpt.arch == "falcon" else "default"  # Falcon: GroupQueryAttention's in-place cache
-    opts = ExportOptions(to="onnx", dtype="fp16", quantize="int4" if path == "onnx-int4" else "none",
-                         max_context=max_context, variant=variant)
+    # The in-place cache (GroupQueryAttention) where the architecture has one: ORT's fast decode graph.
+    variant = "inplace" if "inplace" in arch_module(ckpt.arch).FRONTENDS else "default"
+    opts = options_for("onnx", precision="fp16", quantize="int4" if path == "onnx-int4" else "none",
+                       max_context=max_context, variant=variant)
     cpu = type(ckpt)(ckpt.model_dir, ckpt.config, ckpt.arch, {k: v.cpu() for k, v in ckpt.state_dict.items()},
                      ckpt.source)
     out = workdir / f"{ckpt.source['preset']}-{path}"

@@ -2,7 +2,7 @@
 kernels of our own (runtimes/pytorch/mamba_kernels.py) and CUDA graphs; a bitsandbytes 4/8-bit reference.
 
 Why not transformers: on an H100 its Falcon-7B decodes at 26 ms/token and Falcon-Mamba-7B at 127 ms/token,
-against a ~4.6 ms bandwidth floor (BENCHMARKS.md, GPU machine): launch overhead and unfused ops, not arithmetic. Both
+against a ~4.6 ms bandwidth floor (docs/traps.md): launch overhead and unfused ops, not arithmetic. Both
 runtimes reuse Perch's export-ready modules for the weights (transformers names, strict load) and the
 Runtime step API; Falcon's forward is `FalconCore.run` with a static-cache `attend` policy; decode runs one
 captured graph per batch size over static buffers. No compiled extension is needed (mamba-ssm takes 6-9
@@ -83,7 +83,7 @@ class FastFalcon(_GraphedRuntime):
     folded into the query rows, so SDPA sees plain multi-head attention with nkv heads and no K,V repeat.
     """
 
-    name = "perch-cuda-falcon"
+    name, ARCH = "perch-cuda-falcon", "falcon"
 
     def __init__(self, config, state_dict: dict, *, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
                  max_context: int = 2048, cuda_graphs: bool = True):
@@ -162,18 +162,23 @@ class FastFalconMamba(_GraphedRuntime):
     same layer body over the chunk, with the stock depthwise conv and `ssm_scan` over all its tokens; every
     call continues from the stored state. The residual stream is fp32, as in transformers
     (`residual_in_fp32`); the SSM state is fp32, the conv state in the model dtype.
-    `kernels="torch"` swaps the Triton kernels for their torch twins (CPU, tests).
+    `kernels="torch"` swaps the Triton kernels for their torch twins ("auto": Triton on CUDA, torch elsewhere).
     """
 
-    name = "perch-cuda-falcon-mamba"
+    name, ARCH = "perch-cuda-falcon-mamba", "falcon_mamba"
 
     def __init__(self, config, state_dict: dict, *, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
-                 max_context: int = 1 << 20, cuda_graphs: bool = True, kernels: str = "triton"):
+                 max_context: int = 1 << 20, cuda_graphs: bool = True, kernels: str = "auto"):
         from perch.archs import falcon_mamba
         from perch.runtimes.pytorch.mamba_kernels import KERNELS
 
+        if kernels == "auto":
+            kernels = "triton" if torch.device(device).type == "cuda" else "torch"
         if kernels not in KERNELS:
-            raise PerchError(f"kernels={kernels!r}: choose one of {', '.join(KERNELS)}")
+            raise PerchError(f"kernels={kernels!r}: choose auto or one of {', '.join(KERNELS)}")
+        if kernels == "triton" and importlib.util.find_spec("triton") is None:
+            raise PerchError("the fast Falcon-Mamba reference needs triton (it ships with CUDA builds of torch); "
+                             "`pip install triton`, or use --device cpu")
         self._setup(config, device, dtype, max_context, cuda_graphs)
         self.add_rms_norm, self.conv_step, self.ssm_scan = KERNELS[kernels]
         core = falcon_mamba.build(config, _cast(state_dict, dtype), max_context)
@@ -254,12 +259,10 @@ def open_gpu_reference(ckpt, *, dtype: torch.dtype = torch.bfloat16, max_context
                        cuda_graphs: bool = True) -> Runtime:
     """The fast CUDA reference for a loaded checkpoint (Triton kernels for Falcon-Mamba); PerchError without CUDA."""
     _require_cuda()
-    if ckpt.arch == "falcon":
-        return FastFalcon(ckpt.config, ckpt.state_dict, dtype=dtype, max_context=max_context, cuda_graphs=cuda_graphs)
-    if importlib.util.find_spec("triton") is None:
-        raise PerchError("the fast Falcon-Mamba reference needs triton (it ships with CUDA builds of torch); "
-                         "`pip install triton`, or use --device cpu")
-    return FastFalconMamba(ckpt.config, ckpt.state_dict, dtype=dtype, max_context=max_context, cuda_graphs=cuda_graphs)
+    fast = {cls.ARCH: cls for cls in (FastFalcon, FastFalconMamba)}
+    if ckpt.arch not in fast:
+        raise PerchError(f"no fast CUDA reference for {ckpt.arch}; use --device cpu (the transformers reference)")
+    return fast[ckpt.arch](ckpt.config, ckpt.state_dict, dtype=dtype, max_context=max_context, cuda_graphs=cuda_graphs)
 
 
 def bnb_reference(ckpt, *, bits: int, max_context: int, compute_dtype: torch.dtype = torch.bfloat16) -> Runtime:

@@ -78,9 +78,11 @@ def test_triton_kernels_refuse_cpu_tensors_outside_the_interpreter(monkeypatch):
         mk.add_rms_norm_triton(torch.zeros(1, 8), None, torch.ones(8), 1e-5)
 
 
-def test_unknown_kernels_is_a_perch_error(load_preset):
+def test_kernels_auto_picks_the_torch_twins_on_cpu_and_unknown_kernels_is_a_perch_error(load_preset):
+    ckpt = load_preset("falcon-mamba-tiny")
+    assert _fast(ckpt, "falcon_mamba", kernels="auto").ssm_scan is mk.ssm_scan_torch
     with pytest.raises(PerchError, match="kernels='cuda'"):
-        _fast(load_preset("falcon-mamba-tiny"), "falcon_mamba", kernels="cuda")
+        _fast(ckpt, "falcon_mamba", kernels="cuda")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")

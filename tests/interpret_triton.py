@@ -71,3 +71,11 @@ def test_fast_falcon_mamba_with_triton_kernels_equals_transformers(load_preset):
     prompts = [rng.integers(1, ckpt.config.vocab_size, n).tolist() for n in (9, 5)]  # batch 2, left-padded
     report = check(fast, ref, prompts, max_new_tokens=4, tolerances=FP32)
     assert report.passed, report.summary()
+
+
+def test_fast_falcon_mamba_with_triton_kernels_in_bf16(load_preset):
+    from tests.test_fast_reference import bf16_fidelity
+
+    fid = bf16_fidelity(load_preset("falcon-mamba-tiny"), lambda c: FastFalconMamba(
+        c.config, c.state_dict, device="cpu", dtype=torch.bfloat16, max_context=64, cuda_graphs=False, kernels="triton"))
+    assert fid["top1"] == 1.0 and 0 < fid["kl"] < 1e-3, fid

@@ -120,7 +120,7 @@ def open_onnx(path: str, ckpt, device: str, max_context: int, workdir: Path):
                        max_context=max_context, variant=variant)
     cpu = type(ckpt)(ckpt.model_dir, ckpt.config, ckpt.arch, {k: v.cpu() for k, v in ckpt.state_dict.items()},
                      ckpt.source)
-    out = workdir / f"{ckpt.source['preset']}-{path}"
+    out = workdir / f"{ckpt.source.get('preset', ckpt.arch)}-{path}"
     t0 = time.perf_counter()
     export(cpu, out, opts)
     rt = OnnxRuntime(out, device=device)
@@ -178,7 +178,7 @@ def _gb(mb: float | None) -> float | None:
 
 
 def run_path(path: str, ckpt, a, dtype, ref_logits, seq, workdir, floor_ms) -> list[dict]:
-    base = {"preset": ckpt.source["preset"], "path": path}
+    base = {"preset": ckpt.source.get("preset", ckpt.arch), "path": path}
     ctx = a.prompt + max(a.steps, a.fidelity_tokens) + 8
     try:
         rt = open_path(path, ckpt, a, dtype, ctx, workdir)

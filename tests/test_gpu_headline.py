@@ -14,6 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import gpu_headline  # noqa: E402
 from gpu_headline import GPU_COMMAND, PATHS  # noqa: E402
 
 # Drop the editable install's import hook, so the script must find perch the way it does on the GPU machine.
@@ -52,3 +53,16 @@ def test_the_gpu_command_dry_runs_on_cpu(tmp_path):
 
 def test_benchmarks_md_quotes_the_command_that_is_tested():
     assert GPU_COMMAND in (ROOT / "BENCHMARKS.md").read_text()
+
+
+def test_onnx_rows_say_skipped_without_onnxruntime_gpu(load_preset, tmp_path):
+    """On the GPU machine as it is (onnxruntime without its CUDA provider) the ONNX rows are skipped, by name,
+    before any export starts."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    a = gpu_headline.parse_args(["--device", "cuda", "--batches", "1", "8"])
+    rows = gpu_headline.run_path("onnx-int4", load_preset("falcon-tiny"), a, None, None, None, tmp_path, 1.0)
+    assert [r["batch"] for r in rows] == [1, 8] and not list(tmp_path.iterdir())
+    assert all(r["status"].startswith("skipped: ") and "onnxruntime-gpu" in r["status"] for r in rows), rows

@@ -88,6 +88,10 @@ DEFAULTS: dict[str, Tolerances] = {
                    basis="fixtures, int8: rel_l2 0.018, max KL 2.4e-4, mean KL 6.1e-5, top-1 0.992"),
         # Falcon (ONNX int4, Core ML int4, block-32 eager): rel_l2 0.064, cosine 0.998, max KL 7.9e-3, mean KL
         # 2.5e-3, top-1 0.939, top-5 0.961, state 0.074. broken max KL 0.16 (dropped write), 1.6 (position).
+        # Those runs were min/max rounding, now `int4-rtn`; every int4 variant shares these limits, so they
+        # must still admit it. The GPTQ default measured 0.58x int4-rtn's mean KL on Falcon-Mamba's fixture
+        # (benchmarks/quant_quality.py: 3.48e-3 vs 6.01e-3, top-1 0.943 vs 0.928, 2048 held-out positions);
+        # the limits stay until measure_tolerances.py is rerun per variant (then int4-rtn gets its own key).
         Tolerances("int4", max_abs=None, rel_l2=0.25, min_cosine=0.98, max_kl=0.05, mean_kl=0.01,
                    min_top1=0.85, min_top5=0.88, min_greedy_match=None, state_rel_l2=0.3, hidden_rel_l2=0.3,
                    basis="Falcon fixture, int4: rel_l2 0.064, max KL 7.9e-3, mean KL 2.5e-3, top-1 0.939"),

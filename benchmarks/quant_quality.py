@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 from perch.dev.fixtures import fixture_dir  # noqa: E402
 from perch.dev.tokenizer import split_corpus  # noqa: E402
 from perch.exporter.calibration import calibrate  # noqa: E402
-from perch.exporter.export import QUANTIZE, ExportOptions, export  # noqa: E402
+from perch.exporter.export import export  # noqa: E402
+from perch.exporter.options import OPTIONS, options_for  # noqa: E402
 from perch.exporter.to_onnx import quantize_artifact  # noqa: E402
 from perch.loading import load_checkpoint  # noqa: E402
 from perch.runtimes import open_artifact  # noqa: E402
@@ -81,8 +82,8 @@ def make(ckpt, backend: str, variant: str, out: Path, cal, onnx_float: Path | No
     """One artifact. ONNX variants quantize the float export (one trace per fixture, calibration shared)."""
     if backend == "onnx" and variant != "none" and onnx_float is not None:
         return quantize_artifact(onnx_float, out, variant, 32, calibration=cal)
-    dtype = "fp32" if backend == "onnx" else "fp16"
-    return export(ckpt, out, ExportOptions(to=backend, dtype=dtype, quantize=variant, max_context=256))
+    precision = "fp32" if backend == "onnx" else "fp16"
+    return export(ckpt, out, options_for(backend, precision=precision, quantize=variant, max_context=256))
 
 
 def measure(arch: str, backends: list[str], variants: list[str], work: Path, coreml_chunks: int) -> list[dict]:
@@ -97,7 +98,7 @@ def measure(arch: str, backends: list[str], variants: list[str], work: Path, cor
     for backend in backends:
         n = CHUNKS if backend == "onnx" else coreml_chunks
         onnx_float = None
-        for variant in ("none", *[v for v in variants if v in QUANTIZE[backend]]):
+        for variant in ("none", *[v for v in variants if v in OPTIONS[backend].QUANTIZE]):
             out = work / f"{arch}-{backend}-{variant}"
             t0 = time.perf_counter()
             m = make(ckpt, backend, variant, out, cal, onnx_float)

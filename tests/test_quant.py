@@ -72,13 +72,14 @@ def test_packed_layout_round_trips(algorithm):
 
 def test_every_backend_offers_the_recipes():
     from perch.exporter import coreml_compress
-    from perch.exporter.export import QUANTIZE
+    from perch.exporter.options import OPTIONS
 
     for name in ("int4", "int4-mixed", "int4-search", "int4-rtn", "int8"):
         assert name in onnx_quant.METHODS and name in coreml_compress.METHODS
-        assert name in QUANTIZE["onnx"] and name in QUANTIZE["coreml"]
         assert RECIPES[name].description and 4 <= RECIPES[name].bits_estimate <= 9
-    assert "palettize4" in QUANTIZE["coreml"] and "palettize4" not in QUANTIZE["onnx"]
+    # what the CLI and the options classes accept is exactly what each backend's METHODS table offers
+    assert set(OPTIONS["onnx"].QUANTIZE) == {"none", *onnx_quant.METHODS}
+    assert set(OPTIONS["coreml"].QUANTIZE) == {"none", *coreml_compress.METHODS}
 
 
 def test_recipe_choices_by_tensor():

@@ -104,7 +104,8 @@ def measure(arch: str, backends: list[str], variants: list[str], work: Path, cor
             m = make(ckpt, backend, variant, out, cal, onnx_float)
             seconds = time.perf_counter() - t0
             rt = open_artifact(out)
-            row = {"arch": arch, "backend": backend, "precision": "fp32" if backend == "onnx" else "fp16", "quantize": variant, "chunks": n,
+            row = {"arch": arch, "backend": backend, "precision": "fp32" if backend == "onnx" else "fp16",
+                   "quantize": variant, "chunks": n,
                    **compare(ref[:n], scored_logits(rt, ids[:n]), ids),
                    "bits_per_weight": m.quantization.get("bits_per_weight"),
                    "decode_ms": decode_ms(rt, ids[0]), "export_seconds": round(seconds, 1)}
@@ -165,7 +166,7 @@ def main() -> int:
     if a.speed_rounds:
         with tempfile.TemporaryDirectory() as tmp:
             rows = [r for arch in a.arch or ["falcon", "falcon_mamba"]
-                    for r in speed(arch, [v for v in variants if v in QUANTIZE["onnx"]], Path(tmp), a.speed_rounds)]
+                    for r in speed(arch, [v for v in variants if v in OPTIONS["onnx"].QUANTIZE], Path(tmp), a.speed_rounds)]
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({"meta": {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)},
                                             "results": rows}, indent=2) + "\n")

@@ -43,11 +43,22 @@ def _text(path: str | Path | None) -> tuple[str, str]:
     return p.read_text(encoding="utf-8", errors="replace"), str(p)
 
 
+def _available_bytes() -> int:
+    """MemAvailable (free plus reclaimable page cache): "free" alone is near zero on a busy machine."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # no /proc (macOS): total memory
+
+
 def check_fits(ckpt) -> None:
     params = sum(t.numel() for t in ckpt.state_dict.values())
     widest = max((t.shape[1] for t in ckpt.state_dict.values() if t.ndim == 2), default=0)
     need = 4 * params + 8 * widest * widest * (ckpt.config.num_hidden_layers * 4 + 1)
-    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    avail = _available_bytes()
     if need > FIT_FRACTION * avail:
         raise PerchError(f"calibrating this model needs ~{need / 2**30:.1f} GiB (fp32 model + input Hessians), "
                          f"{avail / 2**30:.1f} GiB is free: use --quantize int4-search (no calibration), or "

@@ -36,6 +36,7 @@ class ExportOptions:
     variant: str = "default"  # ONNX "inplace": fixed-size cache buffer for fast decode (--optimize)
     multifunction: bool = False  # Core ML: prefill + decode functions sharing weights and state
     batch_size: int = 1  # Core ML states have a fixed batch
+    client: str = "default"  # client profile (exporter/clients.py): names and layout a real client reads
 
     def __post_init__(self):
         if self.to not in BACKENDS:
@@ -66,10 +67,14 @@ def export(model: str | Path | Checkpoint, out: str | Path, options: ExportOptio
         # Stored dtype (dtype=None): backends cast tensor by tensor, so a bf16 7B never gets an fp32 copy.
         model = load_checkpoint(resolve_model(model), allow_pickle=allow_pickle, adapter=adapter, dtype=None)
     ckpt = model
+    from perch.exporter import clients
+
+    profile = clients.client(options.client, options.to, ckpt.arch)  # refuse before any slow work
     backend = importlib.import_module(BACKENDS[options.to])
     with staged_output(out, overwrite) as tmp:
         manifest = backend.export(ckpt, tmp, options)
         manifest.tokenizer_files = copy_side_files(ckpt.model_dir, tmp)
+        manifest.extras["client_files"] = clients.write_side_files(profile, manifest, tmp)
         manifest.source = {**ckpt.source, **manifest.source}
         manifest.save(tmp)
     return manifest

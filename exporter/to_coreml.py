@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from perch.exporter import clients
 from perch.exporter.coreml_compress import apply_compression, plan_compression
 from perch.exporter.export import ExportOptions
 from perch.archs import arch_module
@@ -36,6 +37,13 @@ INPUT_IDS, CAUSAL_MASK, LOGITS = "inputIds", "causalMask", "logits"
 TARGETS = ("iOS15", "macOS12", "iOS16", "macOS13", "iOS17", "macOS14", "iOS18", "macOS15")
 STATE_TARGETS = ("iOS18", "macOS15")
 _SPEC_FILE = Path("Data") / "com.apple.CoreML" / "model.mlmodel"
+# What each canonical state kind holds, written into the manifest next to its Core ML state name.
+STATE_CONTENTS = {
+    "key": "Falcon keys, (layers, batch, kv_heads, max_context, head_dim), rotary applied, filled up to the tokens seen",
+    "value": "Falcon values, (layers, batch, kv_heads, max_context, head_dim), filled up to the tokens seen",
+    "conv": "Falcon-Mamba conv state: the last conv_kernel inputs of each layer's causal conv, (layers, batch, d_inner, conv_kernel)",
+    "ssm": "Falcon-Mamba SSM state h after the last token, (layers, batch, d_inner, state_size)",
+}
 
 
 def check_target(target: str, has_states: bool = True):
@@ -82,8 +90,11 @@ def _patch_frontend() -> None:
         context.add(mb.layer_norm(x=x, axes=axes, gamma=gamma, beta=beta, epsilon=eps, name=node.name))
 
 
-def stateful_module(ckpt: Checkpoint, max_context: int, batch_size: int, dtype: torch.dtype) -> nn.Module:
-    """The architecture's Stateful module with weights cast to `dtype` once each (tied tensors stay tied)."""
+def stateful_module(ckpt: Checkpoint, max_context: int, batch_size: int, dtype: torch.dtype,
+                    **policy) -> nn.Module:
+    """The architecture's Stateful module with weights cast to `dtype` once each (tied tensors stay tied).
+
+    `policy`: the client profile's options for it (state names, mask convention; exporter/clients.py)."""
     mod = arch_module(ckpt.arch)
     cast: dict[int, torch.Tensor] = {}
     for v in ckpt.state_dict.values():
@@ -92,24 +103,30 @@ def stateful_module(ckpt: Checkpoint, max_context: int, batch_size: int, dtype: 
     sd = {k: cast[id(v)] for k, v in ckpt.state_dict.items()}
     del cast
     core = mod.build(ckpt.config, sd, max_context, scan="logdepth")  # logdepth: a fixed, traceable scan
-    return mod.Stateful(core, batch_size, STATE_DTYPE).eval()
+    return mod.Stateful(core, batch_size, STATE_DTYPE, **policy).eval()
 
 
-def example_inputs(arch: str, batch_size: int) -> tuple[torch.Tensor, ...]:
+def example_inputs(arch: str, batch_size: int, extra_mask_columns: int = 0) -> tuple[torch.Tensor, ...]:
     """Trace inputs: 2 new tokens after 3 stored ones, so no size is 0 or 1 (those get specialised)."""
     ids = torch.zeros(batch_size, 2, dtype=torch.int32)
-    return (ids, torch.zeros(batch_size, 1, 2, 5)) if arch == "falcon" else (ids,)
+    return (ids, torch.zeros(batch_size, 1, 2, 5 + extra_mask_columns)) if arch == "falcon" else (ids,)
 
 
-def coreml_inputs(arch: str, batch_size: int, max_context: int, query_len: int | None) -> list:
-    """inputIds (B, T) and, for Falcon, causalMask (B, 1, T, end); T ranged 1..max unless fixed."""
+def coreml_inputs(arch: str, batch_size: int, max_context: int, query_len: int | None,
+                  extra_mask_columns: int = 0) -> list:
+    """inputIds (B, T) and, for Falcon, causalMask (B, 1, T, end); T ranged 1..max unless fixed.
+
+    With extra mask columns (swift-transformers' feed) the mask has its own row range: that client sends
+    one row, [1, 1, 1, tokens + 1], whatever the number of new tokens."""
     import coremltools as ct
 
     t = query_len or ct.RangeDim(lower_bound=1, upper_bound=max_context, default=1)
     inputs = [ct.TensorType(name=INPUT_IDS, shape=(batch_size, t), dtype=np.int32)]
     if arch == "falcon":
-        end = ct.RangeDim(lower_bound=1, upper_bound=max_context, default=1)
-        inputs.append(ct.TensorType(name=CAUSAL_MASK, shape=(batch_size, 1, t, end), dtype=np.float16))
+        x = extra_mask_columns
+        end = ct.RangeDim(lower_bound=1 + x, upper_bound=max_context + x, default=1 + x)
+        rows = ct.RangeDim(lower_bound=1, upper_bound=max_context, default=1) if x else t
+        inputs.append(ct.TensorType(name=CAUSAL_MASK, shape=(batch_size, 1, rows, end), dtype=np.float16))
     return inputs
 
 
@@ -121,7 +138,8 @@ def coreml_states(module: nn.Module, names: list[str]) -> list:
 
 
 def convert_function(traced, module: nn.Module, arch: str, state_names: list[str], max_context: int,
-                     options: ExportOptions, query_len: int | None = None, target: str = TARGET):
+                     options: ExportOptions, query_len: int | None = None, target: str = TARGET,
+                     extra_mask_columns: int = 0):
     """One Core ML function from the trace: ranged query length, or `query_len` fixed (decode)."""
     import coremltools as ct
 
@@ -130,7 +148,7 @@ def convert_function(traced, module: nn.Module, arch: str, state_names: list[str
     fp16 = options.dtype == "fp16"
     model = ct.convert(
         traced,
-        inputs=coreml_inputs(arch, options.batch_size, max_context, query_len),
+        inputs=coreml_inputs(arch, options.batch_size, max_context, query_len, extra_mask_columns),
         outputs=[ct.TensorType(name=LOGITS, dtype=np.float16 if fp16 else np.float32)],
         states=coreml_states(module, state_names),
         minimum_deployment_target=ct_target,
@@ -186,16 +204,20 @@ def function_plan(options: ExportOptions) -> dict[str, int | None]:
 
 
 def convert_functions(ckpt: Checkpoint, options: ExportOptions, max_context: int, state_names: list[str],
-                      plan: dict[str, int | None]) -> tuple[dict, dict[str, str]]:
+                      plan: dict[str, int | None], profile: clients.Client | None = None) -> tuple[dict, dict[str, str]]:
     """Trace once, convert each planned function. Returns ({name: MLModel}, weight kinds).
 
     The torch module is local: once this returns, the weights live on only in the programs' consts
     (which share the torch storage: one copy) and in each MLModel's saved weights on disk.
     """
-    module = stateful_module(ckpt, max_context, options.batch_size, torch.float16 if options.dtype == "fp16" else torch.float32)
+    profile = profile or clients.CLIENTS[clients.DEFAULT]
+    extra = profile.mask_extra_columns if ckpt.arch == "falcon" else 0
+    module = stateful_module(ckpt, max_context, options.batch_size, torch.float16 if options.dtype == "fp16" else torch.float32,
+                             **clients.stateful_options(profile, ckpt.arch))
     with torch.inference_mode(False), torch.no_grad():
-        traced = torch.jit.trace(module, example_inputs(ckpt.arch, options.batch_size), check_trace=False)
-    parts = {name: convert_function(traced, module, ckpt.arch, state_names, max_context, options, q)
+        traced = torch.jit.trace(module, example_inputs(ckpt.arch, options.batch_size, extra), check_trace=False)
+    parts = {name: convert_function(traced, module, ckpt.arch, state_names, max_context, options, q,
+                                    extra_mask_columns=extra)
              for name, q in plan.items()}
     return parts, weight_kinds(module)
 
@@ -214,10 +236,11 @@ def export(ckpt: Checkpoint, out_dir: str | Path, options: ExportOptions) -> Man
     """Convert `ckpt` into `out_dir/model.mlpackage` and return its manifest (the driver saves it)."""
     out_dir = Path(out_dir)
     max_context = options.context_for(ckpt.config)
-    io = arch_module(ckpt.arch).io_spec(ckpt.config, max_context, state_dtype="float16")
+    profile = clients.client(options.client, "coreml", ckpt.arch)
+    io = clients.coreml_io(profile, arch_module(ckpt.arch).io_spec(ckpt.config, max_context, state_dtype="float16"))
     t0 = time.perf_counter()
     plan = function_plan(options)
-    parts, kinds = convert_functions(ckpt, options, max_context, [s.coreml_name for s in io.states], plan)
+    parts, kinds = convert_functions(ckpt, options, max_context, [s.coreml_name for s in io.states], plan, profile)
     quantization: dict = {"method": "none"}
     plans = {}
     if options.quantize != "none":
@@ -231,11 +254,16 @@ def export(ckpt: Checkpoint, out_dir: str | Path, options: ExportOptions) -> Man
             release_program(parts[name])
     _save(parts, out_dir / PACKAGE, scratch=out_dir)
     del parts
-    write_metadata(out_dir / PACKAGE, _metadata(ckpt, options, max_context))
+    write_metadata(out_dir / PACKAGE, _metadata(ckpt, options, max_context, profile))
     extras = {
         "inputs": {"input_ids": INPUT_IDS, **({"causal_mask": CAUSAL_MASK} if ckpt.arch == "falcon" else {})},
         "outputs": {"logits": LOGITS},
         "states": {s.kind: s.coreml_name for s in io.states},
+        "state_contents": {s.coreml_name: STATE_CONTENTS.get(s.kind, s.kind) for s in io.states},
+        "client": profile.name,
+        "clients": clients.support(profile, "coreml", ckpt.arch),
+        **({"causal_mask_extra_columns": profile.mask_extra_columns}
+           if ckpt.arch == "falcon" and profile.mask_extra_columns else {}),
         "deployment_target": TARGET,
         "functions": {name: ("ranged" if q is None else q) for name, q in plan.items()},
         "default_function": next(iter(plan)),
@@ -276,7 +304,7 @@ def _model_name(ckpt: Checkpoint) -> str:
     return getattr(ckpt.config, "_name_or_path", "") or Path(ckpt.model_dir).name
 
 
-def _metadata(ckpt: Checkpoint, options: ExportOptions, max_context: int) -> dict:
+def _metadata(ckpt: Checkpoint, options: ExportOptions, max_context: int, profile: clients.Client) -> dict:
     from perch import __version__
 
     arch = (getattr(ckpt.config, "architectures", None) or [""])[0]
@@ -299,10 +327,17 @@ def _metadata(ckpt: Checkpoint, options: ExportOptions, max_context: int) -> dic
             "perch.max_context": str(max_context),
         },
         "inputs": {INPUT_IDS: "Token ids of the new tokens (batch, 1..max_context), int32",
-                   CAUSAL_MASK: "Additive causal mask (batch, 1, new tokens, stored + new tokens): 0 to attend, "
-                                "-1e4 to mask; its length sets the position of the new tokens"},
+                   CAUSAL_MASK: _mask_description(profile.mask_extra_columns if ckpt.arch == "falcon" else 0)},
         "outputs": {LOGITS: "Next-token scores (batch, new tokens, vocab)"},
     }
+
+
+def _mask_description(extra_columns: int) -> str:
+    if extra_columns:
+        return ("Additive mask (batch, 1, 1 or new tokens, stored + new tokens + 1), as swift-transformers sends it: "
+                "zeros to attend (causality is applied inside), -1e4 to mask padding; the last column is unused")
+    return ("Additive causal mask (batch, 1, new tokens, stored + new tokens): 0 to attend, -1e4 to mask; its "
+            "length sets the position of the new tokens")
 
 
 def write_metadata(package: Path, meta: dict) -> None:

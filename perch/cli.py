@@ -29,10 +29,13 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     opts = ExportOptions(to=a.to, dtype=a.dtype or a.compute_precision or "fp32", quantize=a.quantize,
                          block_size=a.block_size, max_context=a.max_context,
-                         variant="inplace" if a.optimize else "default", multifunction=a.multifunction)
+                         variant="inplace" if a.optimize else "default", multifunction=a.multifunction,
+                         client=a.client)
     m = export(a.model, a.out, opts, adapter=a.adapter, allow_pickle=a.allow_pickle, overwrite=a.overwrite)
     print(f"wrote {a.out}/{m.model_file}: {m.arch}, {m.format} {m.dtype}, quantize={m.quantization.get('method')}, "
           f"max context {m.max_context}")
+    for client, verdict in m.extras.get("clients", {}).items():  # say plainly which clients can run it
+        print(f"  {client}: {verdict}")
     return 0
 
 
@@ -116,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-context", type=int, help="longest context the artifact accepts (default: min(model's, 2048))")
     e.add_argument("--optimize", action="store_true", help="ONNX: in-place cache buffer (GroupQueryAttention) for fast decode")
     e.add_argument("--multifunction", action="store_true", help="Core ML: prefill and decode functions sharing state")
+    e.add_argument("--for", dest="client", default="default", metavar="CLIENT",
+                   help="lay the artifact out for a client: swift-transformers (Core ML), transformers.js, genai, "
+                        "optimum (ONNX); default: the backend's layout (optimum and genai read ONNX as is)")
     add_model_source_flags(e)
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     e.set_defaults(fn=cmd_export)

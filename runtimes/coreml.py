@@ -119,6 +119,8 @@ class CoreMLRuntime(Runtime):
         self.state_names = extras.get("states", {s.kind: s.coreml_name for s in self.io.states})
         self.functions = dict(extras.get("functions") or {"main": "ranged"})
         self.package_batch = int(extras.get("batch_size", 1))
+        # swift-transformers' profile reads a mask one column longer than the keys (exporter/clients.py).
+        self.mask_extra_columns = int(extras.get("causal_mask_extra_columns", 0))
         self.engine = _open_engine(package, list(self.functions), engine)
         self.name = f"coreml[{self.engine.name}]"
         self._check_states()
@@ -148,7 +150,10 @@ class CoreMLRuntime(Runtime):
         t = input_ids.shape[1]
         feeds = {self.input_names["input_ids"]: input_ids.astype(np.int32)}
         if "causal_mask" in self.input_names:
-            feeds[self.input_names["causal_mask"]] = causal_mask(mask, t)
+            m = causal_mask(mask, t)
+            if self.mask_extra_columns:
+                m = np.pad(m, ((0, 0), (0, 0), (0, 0), (0, self.mask_extra_columns)))
+            feeds[self.input_names["causal_mask"]] = m
         elif not mask.all():
             raise PerchError(f"this {self.arch} Core ML package has no attention-mask input, so it cannot skip "
                              "padding; run padded rows one at a time without padding")

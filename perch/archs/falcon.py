@@ -216,20 +216,29 @@ class FalconStateful(nn.Module):
 
     forward(input_ids (B, T), causal_mask (B, 1, T, end)) -> logits. The T new tokens sit at positions
     end-T .. end-1, so one graph serves prefill, decode and further chunks.
+
+    `extra_mask_columns` = 1 is swift-transformers' feed: a mask one column longer than the keys, all zeros
+    (and one row); the causal part is then built here and the mask only adds (padding) on top.
     """
 
-    def __init__(self, core: FalconCore, batch_size: int = 1, state_dtype: torch.dtype = torch.float16):
+    def __init__(self, core: FalconCore, batch_size: int = 1, state_dtype: torch.dtype = torch.float16,
+                 extra_mask_columns: int = 0):
         super().__init__()
         self.core = core
+        self.extra_mask_columns = extra_mask_columns
         c = core.config
         shape = (c.num_hidden_layers, batch_size, num_kv_heads(c), core.max_context, c.hidden_size // c.num_attention_heads)
         self.register_buffer("keyCache", torch.zeros(shape, dtype=state_dtype))
         self.register_buffer("valueCache", torch.zeros(shape, dtype=state_dtype))
 
     def forward(self, input_ids: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
-        t, end = input_ids.shape[1], causal_mask.shape[-1]
+        t, end = input_ids.shape[1], causal_mask.shape[-1] - self.extra_mask_columns
         start = end - t
         positions = torch.arange(start, end, device=input_ids.device).unsqueeze(0).expand(input_ids.shape[0], t)
+        if self.extra_mask_columns:
+            causal = torch.arange(end)[None, :] <= positions[:1, :, None]  # (1, T, end)
+            # (allowed - 1) * -MASK_MIN: 0 or MASK_MIN; a where() of two scalars converts to a scalar in Core ML.
+            causal_mask = causal_mask[..., :end] + ((causal.float() - 1.0) * -MASK_MIN).unsqueeze(1)
 
         def attend(i, attn, q, k, v, mask):
             # Write through the root buffer: a write through a view of it is silently dropped by Core ML.

@@ -185,24 +185,31 @@ class FalconMambaPastPresent(nn.Module):
 
 
 class FalconMambaStateful(nn.Module):
-    """Layer-stacked state buffers updated in place: Core ML states `convState` and `ssmState`."""
+    """Layer-stacked state buffers updated in place: Core ML states `convState` and `ssmState`.
 
-    def __init__(self, core: FalconMambaCore, batch_size: int = 1, state_dtype: torch.dtype = torch.float16):
+    `state_names` renames the two buffers (the Core ML state names): swift-transformers runs a model
+    statefully only when its states are called `keyCache` and `valueCache` (perch/exporter/clients.py).
+    """
+
+    def __init__(self, core: FalconMambaCore, batch_size: int = 1, state_dtype: torch.dtype = torch.float16,
+                 state_names: tuple[str, str] = ("convState", "ssmState")):
         super().__init__()
         self.core = core
+        self.conv_name, self.ssm_name = state_names
         c = core.config
         n, d = c.num_hidden_layers, c.intermediate_size
-        self.register_buffer("convState", torch.zeros(n, batch_size, d, c.conv_kernel, dtype=state_dtype))
-        self.register_buffer("ssmState", torch.zeros(n, batch_size, d, c.state_size, dtype=state_dtype))
+        self.register_buffer(self.conv_name, torch.zeros(n, batch_size, d, c.conv_kernel, dtype=state_dtype))
+        self.register_buffer(self.ssm_name, torch.zeros(n, batch_size, d, c.state_size, dtype=state_dtype))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         n = self.core.config.num_hidden_layers
-        conv = [self.convState[i] for i in range(n)]
-        ssm = [self.ssmState[i] for i in range(n)]
+        conv_buf, ssm_buf = getattr(self, self.conv_name), getattr(self, self.ssm_name)
+        conv = [conv_buf[i] for i in range(n)]
+        ssm = [ssm_buf[i] for i in range(n)]
         logits, new_conv, new_ssm = self.core.run(input_ids, None, conv, ssm)
         for i in range(n):  # write through the root buffer (a write through a view is dropped by Core ML)
-            self.convState[i : i + 1] = new_conv[i].unsqueeze(0).to(self.convState.dtype)
-            self.ssmState[i : i + 1] = new_ssm[i].unsqueeze(0).to(self.ssmState.dtype)
+            conv_buf[i : i + 1] = new_conv[i].unsqueeze(0).to(conv_buf.dtype)
+            ssm_buf[i : i + 1] = new_ssm[i].unsqueeze(0).to(ssm_buf.dtype)
         return logits
 
 

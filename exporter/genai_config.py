@@ -1,0 +1,67 @@
+"""ONNX Runtime GenAI's `genai_config.json` for a Perch Falcon ONNX export (see docs/clients.md)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from perch.errors import PerchError
+
+GENAI_CONFIG = "genai_config.json"
+
+
+def genai_config(manifest, generation: dict | None = None) -> dict:
+    """The decoder config genai reads: our graph's names, head sizes and search defaults.
+
+    Why "decoder": genai's generic decoder-only model type (its "falcon" type is not registered). The in-place
+    variant's K,V buffers are fed as both past and present, so genai must share one buffer between them.
+    """
+    if manifest.arch != "falcon":
+        raise PerchError(f"ONNX Runtime GenAI cannot run {manifest.arch}: {genai_refusal(manifest.arch)}")
+    hf, io = manifest.hf_config, manifest.io
+    key = io.state("key")
+    names = {s.kind: (s.onnx_input.replace("{i}", "%d"), s.onnx_output.replace("{i}", "%d")) for s in io.states}
+    gen = generation or {}
+    eos = gen.get("eos_token_id", hf.get("eos_token_id"))
+    decoder = {
+        "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+        "filename": manifest.model_file,
+        "head_size": int(key.shape[-1]),
+        "hidden_size": int(hf["hidden_size"]),
+        "num_attention_heads": int(hf["num_attention_heads"]),
+        "num_hidden_layers": int(hf["num_hidden_layers"]),
+        "num_key_value_heads": int(key.shape[1]),
+        "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                   "past_key_names": names["key"][0], "past_value_names": names["value"][0]},
+        "outputs": {"logits": "logits", "present_key_names": names["key"][1], "present_value_names": names["value"][1]},
+    }
+    return {
+        "model": {
+            "type": "decoder",
+            "bos_token_id": gen.get("bos_token_id", hf.get("bos_token_id")),
+            "eos_token_id": eos,
+            "pad_token_id": gen.get("pad_token_id", hf.get("pad_token_id", eos)),
+            "context_length": int(manifest.max_context),
+            "vocab_size": int(hf["vocab_size"]),
+            "decoder": decoder,
+        },
+        "search": {
+            "do_sample": False, "num_beams": 1, "max_length": int(manifest.max_context), "min_length": 0,
+            "past_present_share_buffer": manifest.extras.get("variant") == "inplace",
+            "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+            "early_stopping": True, "length_penalty": 1.0, "no_repeat_ngram_size": 0, "diversity_penalty": 0.0,
+            "num_return_sequences": 1,
+        },
+    }
+
+
+def genai_refusal(arch: str) -> str:
+    return ("its generic decoder feeds only a growing K,V cache (past_key_values.N.key/value); it has no inputs "
+            "for a recurrent model's fixed conv and SSM states, so it cannot carry the state between steps")
+
+
+def write_genai_config(manifest, out_dir: str | Path) -> str:
+    out_dir = Path(out_dir)
+    gen_path = out_dir / "generation_config.json"
+    generation = json.loads(gen_path.read_text()) if gen_path.is_file() else None
+    (out_dir / GENAI_CONFIG).write_text(json.dumps(genai_config(manifest, generation), indent=2) + "\n")
+    return GENAI_CONFIG

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from perch.errors import PerchError
-from perch.spec import ModelIO, StateSpec
+from perch.spec import ModelIO
 
 DEFAULT = "default"
 
@@ -100,15 +100,6 @@ def fuses_kv(c: Client, config) -> bool:
     return c.fuse_kv and bool(getattr(config, "multi_query", False))
 
 
-def fused_kv_io(io: ModelIO) -> ModelIO:
-    """Falcon's key and value states as one (batch, kv_heads, context, 2 * head_dim) state per layer."""
-    key = io.state("key")
-    shape = (*key.shape[:-1], 2 * int(key.shape[-1]))
-    fused = StateSpec("key_value", shape, key.dtype, key.num_layers, "past_key_values.{i}.key_value",
-                      "present.{i}.key_value", key.coreml_name)
-    return dataclasses.replace(io, states=(fused,))
-
-
 def _layout(c: Client) -> tuple:
     return (c.coreml_states, c.mask_extra_columns, c.onnx_subfolder, c.fuse_kv)
 
@@ -140,7 +131,7 @@ def place_onnx_files(c: Client, tmp: Path, files: list[str]) -> list[str]:
 def write_side_files(c: Client, manifest, out_dir: Path) -> list[str]:
     """The client's own files next to the model (genai_config.json, config.json's transformers.js_config)."""
     written = []
-    if manifest.format == "onnx" and manifest.arch == "falcon":
+    if manifest.format == "onnx" and support(c, "onnx", manifest.arch).get("genai") == "runs":
         from perch.exporter.genai_config import write_genai_config
 
         written.append(write_genai_config(manifest, out_dir))
@@ -158,3 +149,25 @@ def _transformers_js_config(manifest, out_dir: Path) -> str:
     path.write_text(json.dumps(config, indent=2) + "\n")
     return "config.json"
 
+
+
+# ---------------------------------------------------------------- ONNX naming shared by every client
+# optimum's dynamic axis names: transformers.js sizes the empty first cache from them (an unknown name
+# becomes 0, so a batch axis not called batch_size breaks its first call), and optimum and genai read them.
+OPTIMUM_AXES = {"batch": "batch_size", "sequence": "sequence_length", "context": "past_sequence_length",
+                "total_sequence": "past_sequence_length + sequence_length",
+                "context + sequence": "past_sequence_length + sequence_length"}
+
+
+def optimum_axis_names(model) -> None:
+    """Rename the graph's symbolic dimensions (every value, not only inputs) to optimum's names."""
+    import onnx_ir as ir
+
+    def renamed(shape):
+        dims = [OPTIMUM_AXES.get(d.value, d.value) if isinstance(d, ir.SymbolicDim) and d.value else d for d in shape]
+        return ir.Shape(dims)
+
+    values = [*model.graph.inputs, *model.graph.outputs, *(o for node in model.graph.all_nodes() for o in node.outputs)]
+    for v in values:
+        if v.shape is not None and any(isinstance(d, ir.SymbolicDim) for d in v.shape):
+            v.shape = renamed(v.shape)

@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx_ir as ir
 import torch
 
-from perch.exporter import onnx_quant
+from perch.exporter import clients, onnx_quant
 from perch.archs import arch_module
 from perch.archs import SUPPORTED
 from perch.errors import PerchError
@@ -49,17 +49,22 @@ def export(ckpt, out_dir: str | Path, options) -> Manifest:
     max_context = options.context_for(ckpt.config)
     dtype = TORCH_DTYPES[options.dtype]
     variant = options.variant if ckpt.arch == "falcon" else "default"
-    model, io = build_graph(ckpt, max_context, dtype, variant)
+    profile = clients.client(options.client, "onnx", ckpt.arch)
+    if profile.fuse_kv and variant == "inplace":
+        raise PerchError(f"--for {profile.name} feeds each step's present cache back as the next past (a growing "
+                         "cache): the in-place variant (--optimize) shares one buffer and cannot run there; drop --optimize")
+    model, io = build_graph(ckpt, max_context, dtype, variant, fuse_kv=clients.fuses_kv(profile, ckpt.config))
     t_trace = time.perf_counter() - t0
     quant = {"method": "none"}
     if options.quantize != "none":
         embedding = SUPPORTED[ckpt.arch]["embedding"]
         quant = onnx_quant.quantize(model, options.quantize, options.block_size, embedding=PREFIX + embedding)
-    saved = save_model(model, out_dir)
+    saved = save_model(model, out_dir, subfolder=profile.onnx_subfolder, data_file=profile.data_file)
     if options.quantize != "none":
         quant["size_bytes"] = saved["bytes"]
     extras = {
-        "opset": OPSET, "ir_version": IR_VERSION, "variant": variant,
+        "opset": OPSET, "ir_version": IR_VERSION, "variant": variant, "client": profile.name,
+        "clients": clients.support(profile, "onnx", ckpt.arch),
         "exporter": f"torch.onnx dynamo (torch {torch.__version__})",
         "external_data": saved["external_data"], "model_bytes": saved["bytes"], "files": saved["files"],
         "export_seconds": round(time.perf_counter() - t0, 2), "trace_seconds": round(t_trace, 2),
@@ -69,10 +74,11 @@ def export(ckpt, out_dir: str | Path, options) -> Manifest:
         extras["variant_note"] = (f"{ckpt.arch} keeps fixed-size conv and SSM states, no growing cache to update in "
                                   "place: the default graph was exported (the runtime double-buffers its states)")
     return Manifest(format="onnx", arch=ckpt.arch, io=io, hf_config=ckpt.config.to_dict(), max_context=max_context,
-                    dtype=options.dtype, quantization=quant, model_file=MODEL_FILE, extras=extras)
+                    dtype=options.dtype, quantization=quant, model_file=saved["files"][0], extras=extras)
 
 
-def build_graph(ckpt, max_context: int, dtype: torch.dtype, variant: str = "default") -> tuple[ir.Model, ModelIO]:
+def build_graph(ckpt, max_context: int, dtype: torch.dtype, variant: str = "default",
+                fuse_kv: bool = False) -> tuple[ir.Model, ModelIO]:
     """Trace, bind the checkpoint's weights lazily, and clean up: an in-memory model ready to quantize or save."""
     mod = arch_module(ckpt.arch)
     io = mod.io_spec(ckpt.config, max_context, state_dtype=str(dtype).removeprefix("torch."))
@@ -83,6 +89,10 @@ def build_graph(ckpt, max_context: int, dtype: torch.dtype, variant: str = "defa
 
         io = onnx_gqa.inplace_io(io, max_context)
         wrapper, translations = onnx_gqa.FalconInplace(core), onnx_gqa.TRANSLATIONS
+    elif fuse_kv:
+        from perch.exporter import onnx_fused_kv
+
+        io, wrapper = onnx_fused_kv.fused_kv_io(io), onnx_fused_kv.FalconFusedKV(core)
     else:
         wrapper = mod.PastPresent(core)
     model = trace(wrapper, io, dtype, translations)
@@ -91,6 +101,7 @@ def build_graph(ckpt, max_context: int, dtype: torch.dtype, variant: str = "defa
     import onnxscript.optimizer
 
     onnxscript.optimizer.optimize(model)  # folds only small constants (input size limit), never the weights
+    clients.optimum_axis_names(model)
     model.ir_version = IR_VERSION
     model.producer_name, model.producer_version = "perch", _perch_version()
     model.metadata_props.update({"perch.arch": ckpt.arch, "perch.variant": variant})
@@ -207,16 +218,21 @@ def weight_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-def save_model(model: ir.Model, out_dir: str | Path, threshold: int | None = None) -> dict:
-    """Save as `model.onnx`, with `model.onnx.data` beside it when the weights exceed the threshold."""
+def save_model(model: ir.Model, out_dir: str | Path, threshold: int | None = None, subfolder: str = "",
+               data_file: str = DATA_FILE) -> dict:
+    """Save as `[subfolder/]model.onnx`, with the weights in `data_file` beside it above the threshold.
+
+    `subfolder` and `data_file` follow a client's convention (transformers.js: onnx/, model.onnx_data)."""
     threshold = EXTERNAL_DATA_THRESHOLD if threshold is None else threshold
     out_dir = Path(out_dir)
+    (out_dir / subfolder).mkdir(parents=True, exist_ok=True)
     external = weight_bytes(model) > threshold
+    model_path = Path(subfolder) / MODEL_FILE
     try:
-        ir.save(model, out_dir / MODEL_FILE, external_data=DATA_FILE if external else None)
+        ir.save(model, out_dir / model_path, external_data=data_file if external else None)
     except (ValueError, OSError) as e:  # protobuf "Failed to serialize proto", disk full
-        raise PerchError(f"writing {out_dir / MODEL_FILE} failed ({e}); check free disk space") from e
-    files = [MODEL_FILE] + ([DATA_FILE] if external else [])
+        raise PerchError(f"writing {out_dir / model_path} failed ({e}); check free disk space") from e
+    files = [str(model_path)] + ([str(Path(subfolder) / data_file)] if external else [])
     return {"external_data": external, "files": files, "bytes": sum((out_dir / f).stat().st_size for f in files)}
 
 
@@ -243,10 +259,12 @@ def quantize_artifact(src: str | Path, out: str | Path, method: str, block_size:
     embedding = PREFIX + SUPPORTED[manifest.arch]["embedding"]
     quant = onnx_quant.quantize(model, method, block_size, embedding=embedding)
     with staged_output(out) as tmp:
-        saved = save_model(model, tmp)
+        profile = clients.CLIENTS[manifest.extras.get("client", clients.DEFAULT)]  # keep the source's layout
+        saved = save_model(model, tmp, subfolder=profile.onnx_subfolder, data_file=profile.data_file)
         copy_side_files(src, tmp)
         manifest.quantization = {**quant, "size_bytes": saved["bytes"]}
         manifest.extras.update(external_data=saved["external_data"], model_bytes=saved["bytes"], files=saved["files"],
                                quantized_from=str(src))
+        manifest.extras["client_files"] = clients.write_side_files(profile, manifest, tmp)
         manifest.save(tmp)
     return manifest

@@ -129,6 +129,19 @@ def check_files(directory: Path, manifest: Manifest) -> Path:
     return path
 
 
+def split_fused_kv(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """transformers.js' fused "key_value.i" (K then V on the last axis) -> the canonical "key.i", "value.i"."""
+    out = {}
+    for name, a in state.items():
+        kind, _, layer = name.rpartition(".")
+        if kind == "key_value":
+            hd = a.shape[-1] // 2
+            out[f"key.{layer}"], out[f"value.{layer}"] = a[..., :hd], a[..., hd:]
+        else:
+            out[name] = a
+    return out
+
+
 def open_session(path: Path, providers: list, threads: int | None = None):
     ort = _ort()
     opts = ort.SessionOptions()
@@ -233,7 +246,7 @@ class OnnxRuntime(Runtime):
             arrays = {key: a for (key, _), a in zip(self.present_names, host)}
         if self.variant == "inplace":
             arrays = {k: a[:, :, : self.position] for k, a in arrays.items()}
-        return {k: a.astype(np.float32) for k, a in arrays.items()}
+        return split_fused_kv({k: a.astype(np.float32) for k, a in arrays.items()})
 
     def close(self) -> None:
         self.values, self.spare, self._binding, self.session = {}, None, None, None

@@ -1,4 +1,7 @@
-"""ONNX Runtime GenAI's `genai_config.json` for a Perch Falcon ONNX export (see docs/clients.md)."""
+"""ONNX Runtime GenAI's `genai_config.json` for a Perch Falcon ONNX export (see docs/clients.md).
+
+Names come from the manifest's bindings (what the ONNX naming function realised), never restated here.
+"""
 from __future__ import annotations
 
 import json
@@ -16,10 +19,14 @@ def genai_config(manifest, generation: dict | None = None) -> dict:
     variant's K,V buffers are fed as both past and present, so genai must share one buffer between them.
     """
     if manifest.arch != "falcon":
-        raise PerchError(f"ONNX Runtime GenAI cannot run {manifest.arch}: {genai_refusal(manifest.arch)}")
+        from perch.exporter.clients import GENAI_NO_SSM
+
+        raise PerchError(f"no genai_config.json for {manifest.arch}: {GENAI_NO_SSM}")
     hf, io = manifest.hf_config, manifest.io
     key = io.state("key")
-    names = {s.kind: (s.onnx_input.replace("{i}", "%d"), s.onnx_output.replace("{i}", "%d")) for s in io.states}
+    # genai takes printf templates: the realised names of layer 0 with the layer number as %d.
+    names = {kind: tuple(manifest.names(role)[f"{kind}.0"].replace(".0.", ".%d.") for role in ("past", "present"))
+             for kind in ("key", "value")}
     gen = generation or {}
     eos = gen.get("eos_token_id", hf.get("eos_token_id"))
     decoder = {
@@ -30,9 +37,10 @@ def genai_config(manifest, generation: dict | None = None) -> dict:
         "num_attention_heads": int(hf["num_attention_heads"]),
         "num_hidden_layers": int(hf["num_hidden_layers"]),
         "num_key_value_heads": int(key.shape[1]),
-        "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+        "inputs": {**{k: v for k, v in manifest.names("input").items()},
                    "past_key_names": names["key"][0], "past_value_names": names["value"][0]},
-        "outputs": {"logits": "logits", "present_key_names": names["key"][1], "present_value_names": names["value"][1]},
+        "outputs": {"logits": manifest.names("output")["logits"],
+                    "present_key_names": names["key"][1], "present_value_names": names["value"][1]},
     }
     return {
         "model": {
@@ -46,17 +54,12 @@ def genai_config(manifest, generation: dict | None = None) -> dict:
         },
         "search": {
             "do_sample": False, "num_beams": 1, "max_length": int(manifest.max_context), "min_length": 0,
-            "past_present_share_buffer": manifest.extras.get("variant") == "inplace",
+            "past_present_share_buffer": manifest.variant == "inplace",
             "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
             "early_stopping": True, "length_penalty": 1.0, "no_repeat_ngram_size": 0, "diversity_penalty": 0.0,
             "num_return_sequences": 1,
         },
     }
-
-
-def genai_refusal(arch: str) -> str:
-    return ("its generic decoder feeds only a growing K,V cache (past_key_values.N.key/value); it has no inputs "
-            "for a recurrent model's fixed conv and SSM states, so it cannot carry the state between steps")
 
 
 def write_genai_config(manifest, out_dir: str | Path) -> str:

@@ -6,9 +6,10 @@ ct.convert with fp16 `StateType`s and a ranged query length -> optional weight c
 converted twice (prefill: ranged length; decode: one token) and merged; `save_multifunction` then stores
 each shared weight once, and both functions read and write the same states.
 
-Falcon: inputs `inputIds` (B, 1..max) int32 and `causalMask` (B, 1, T, end) fp16 additive; the new tokens
-sit at positions end-T..end-1, so one package serves prefill, decode and further chunks. Falcon-Mamba:
-input `inputIds` only; every call continues from `convState`/`ssmState`. Output `logits` (B, T, vocab).
+Names come from one naming function (`bindings`) over the architecture's "stateful" I/O spec: `inputIds`
+(B, 1..max) int32, `causalMask` (B, 1, T, end) fp16 additive when the architecture attends (its length
+places the new tokens at end-T..end-1, so one package serves prefill, decode and further chunks), states
+`keyCache`/`valueCache` or `{kind}State`, output `logits` (B, T, vocab).
 """
 from __future__ import annotations
 
@@ -23,27 +24,21 @@ from torch import nn
 
 from perch.exporter import clients
 from perch.exporter.coreml_compress import apply_compression, plan_compression
-from perch.exporter.export import ExportOptions
 from perch.archs import arch_module
 from perch.errors import PerchError
+from perch.exporter.options import CoreMLOptions
 from perch.loading import Checkpoint
-from perch.spec import Manifest
+from perch.spec import Binding, Manifest, ModelIO
 
 PACKAGE = "model.mlpackage"
 TARGET = "iOS18"
 STATE_DTYPE = torch.float16  # Core ML states must be fp16 ("State only support fp16 dtype")
-INPUT_IDS, CAUSAL_MASK, LOGITS = "inputIds", "causalMask", "logits"
+# The Core ML naming function's table: Apple's stateful-LLM recipe names, which swift-transformers detects.
+NAMES = {"input_ids": "inputIds", "causal_mask": "causalMask", "logits": "logits"}
 # Deployment targets by name, oldest first; states need iOS18 / macOS15 (specification version 9).
 TARGETS = ("iOS15", "macOS12", "iOS16", "macOS13", "iOS17", "macOS14", "iOS18", "macOS15")
 STATE_TARGETS = ("iOS18", "macOS15")
 _SPEC_FILE = Path("Data") / "com.apple.CoreML" / "model.mlmodel"
-# What each canonical state kind holds, written into the manifest next to its Core ML state name.
-STATE_CONTENTS = {
-    "key": "Falcon keys, (layers, batch, kv_heads, max_context, head_dim), rotary applied, filled up to the tokens seen",
-    "value": "Falcon values, (layers, batch, kv_heads, max_context, head_dim), filled up to the tokens seen",
-    "conv": "Falcon-Mamba conv state: the last conv_kernel inputs of each layer's causal conv, (layers, batch, d_inner, conv_kernel)",
-    "ssm": "Falcon-Mamba SSM state h after the last token, (layers, batch, d_inner, state_size)",
-}
 
 
 def check_target(target: str, has_states: bool = True):
@@ -90,11 +85,23 @@ def _patch_frontend() -> None:
         context.add(mb.layer_norm(x=x, axes=axes, gamma=gamma, beta=beta, epsilon=eps, name=node.name))
 
 
-def stateful_module(ckpt: Checkpoint, max_context: int, batch_size: int, dtype: torch.dtype,
-                    **policy) -> nn.Module:
-    """The architecture's Stateful module with weights cast to `dtype` once each (tied tensors stay tied).
+def state_name(kind: str, profile: str = "default") -> str:
+    """keyCache / valueCache for K,V (what swift-transformers looks for), {kind}State for any other state;
+    a client profile may rename them (swift-transformers: Falcon-Mamba's conv/SSM states too)."""
+    return clients.coreml_state_name(profile, kind) or {"key": "keyCache", "value": "valueCache"}.get(kind, f"{kind}State")
 
-    `policy`: the client profile's options for it (state names, mask convention; exporter/clients.py)."""
+
+def bindings(io: ModelIO, profile: str = "default") -> tuple[Binding, ...]:
+    """Canonical I/O -> Core ML features and layer-stacked states (layers first)."""
+    out = [Binding(t.name, NAMES[t.name], "input", t.shape, t.dtype) for t in io.inputs]
+    out += [Binding(t.name, NAMES[t.name], "output", t.shape, t.dtype) for t in io.outputs]
+    out += [Binding(s.kind, state_name(s.kind, profile), "state", (s.num_layers, *s.shape), "float16") for s in io.states]
+    return tuple(out)
+
+
+def stateful_module(ckpt: Checkpoint, io: ModelIO, max_context: int, batch_size: int, dtype: torch.dtype,
+                    profile: str = "default") -> nn.Module:
+    """The architecture's stateful module with weights cast to `dtype` once each (tied tensors stay tied)."""
     mod = arch_module(ckpt.arch)
     cast: dict[int, torch.Tensor] = {}
     for v in ckpt.state_dict.values():
@@ -103,31 +110,31 @@ def stateful_module(ckpt: Checkpoint, max_context: int, batch_size: int, dtype: 
     sd = {k: cast[id(v)] for k, v in ckpt.state_dict.items()}
     del cast
     core = mod.build(ckpt.config, sd, max_context, scan="logdepth")  # logdepth: a fixed, traceable scan
-    return mod.Stateful(core, batch_size, STATE_DTYPE, **policy).eval()
+    names = {s.kind: state_name(s.kind, profile) for s in io.states}
+    return mod.stateful(core, batch_size, STATE_DTYPE, names, io.mask).eval()
 
 
-def example_inputs(arch: str, batch_size: int, extra_mask_columns: int = 0) -> tuple[torch.Tensor, ...]:
-    """Trace inputs: 2 new tokens after 3 stored ones, so no size is 0 or 1 (those get specialised)."""
-    ids = torch.zeros(batch_size, 2, dtype=torch.int32)
-    return (ids, torch.zeros(batch_size, 1, 2, 5 + extra_mask_columns)) if arch == "falcon" else (ids,)
+# Trace sizes: 2 new tokens after 3 stored ones, so no size is 0 or 1 (those get specialised).
+_SAMPLE = {"sequence": 2, "total_sequence": 5, "mask_rows": 2, "total_sequence_plus_one": 6}
 
 
-def coreml_inputs(arch: str, batch_size: int, max_context: int, query_len: int | None,
-                  extra_mask_columns: int = 0) -> list:
-    """inputIds (B, T) and, for Falcon, causalMask (B, 1, T, end); T ranged 1..max unless fixed.
+def example_inputs(io: ModelIO, batch_size: int) -> tuple[torch.Tensor, ...]:
+    sizes = {**_SAMPLE, "batch": batch_size}
+    return tuple(torch.zeros([sizes.get(a, a) for a in t.shape], dtype=getattr(torch, t.dtype)) for t in io.inputs)
 
-    With extra mask columns (swift-transformers' feed) the mask has its own row range: that client sends
-    one row, [1, 1, 1, tokens + 1], whatever the number of new tokens."""
+
+def coreml_inputs(io: ModelIO, batch_size: int, max_context: int, query_len: int | None) -> list:
+    """One TensorType per input, named by `bindings`; the query length ranged 1..max unless fixed (decode)."""
     import coremltools as ct
 
     t = query_len or ct.RangeDim(lower_bound=1, upper_bound=max_context, default=1)
-    inputs = [ct.TensorType(name=INPUT_IDS, shape=(batch_size, t), dtype=np.int32)]
-    if arch == "falcon":
-        x = extra_mask_columns
-        end = ct.RangeDim(lower_bound=1 + x, upper_bound=max_context + x, default=1 + x)
-        rows = ct.RangeDim(lower_bound=1, upper_bound=max_context, default=1) if x else t
-        inputs.append(ct.TensorType(name=CAUSAL_MASK, shape=(batch_size, 1, rows, end), dtype=np.float16))
-    return inputs
+    dims = {"batch": batch_size, "sequence": t,
+            "total_sequence": ct.RangeDim(lower_bound=1, upper_bound=max_context, default=1),
+            # swift-transformers' mask ("additive_plus_one"): one row, one column past the keys
+            "mask_rows": ct.RangeDim(lower_bound=1, upper_bound=max_context, default=1),
+            "total_sequence_plus_one": ct.RangeDim(lower_bound=2, upper_bound=max_context + 1, default=2)}
+    return [ct.TensorType(name=NAMES[s.name], shape=tuple(dims.get(a, a) for a in s.shape), dtype=np.dtype(s.dtype).type)
+            for s in io.inputs]
 
 
 def coreml_states(module: nn.Module, names: list[str]) -> list:
@@ -137,19 +144,18 @@ def coreml_states(module: nn.Module, names: list[str]) -> list:
             for n in names]
 
 
-def convert_function(traced, module: nn.Module, arch: str, state_names: list[str], max_context: int,
-                     options: ExportOptions, query_len: int | None = None, target: str = TARGET,
-                     extra_mask_columns: int = 0):
+def convert_function(traced, module: nn.Module, io: ModelIO, state_names: list[str], max_context: int,
+                     options: CoreMLOptions, query_len: int | None = None, target: str = TARGET):
     """One Core ML function from the trace: ranged query length, or `query_len` fixed (decode)."""
     import coremltools as ct
 
     ct_target = check_target(target, has_states=bool(state_names))
     _patch_frontend()
-    fp16 = options.dtype == "fp16"
+    fp16 = options.precision == "fp16"
     model = ct.convert(
         traced,
-        inputs=coreml_inputs(arch, options.batch_size, max_context, query_len, extra_mask_columns),
-        outputs=[ct.TensorType(name=LOGITS, dtype=np.float16 if fp16 else np.float32)],
+        inputs=coreml_inputs(io, options.batch_size, max_context, query_len),
+        outputs=[ct.TensorType(name=NAMES[t.name], dtype=np.float16 if fp16 else np.float32) for t in io.outputs],
         states=coreml_states(module, state_names),
         minimum_deployment_target=ct_target,
         compute_precision=ct.precision.FLOAT16 if fp16 else ct.precision.FLOAT32,
@@ -178,7 +184,7 @@ def state_writes(program) -> dict[str, int]:
 
 def check_state_writes(program, state_names: list[str]) -> None:
     """Fail loudly when a state is never written: Core ML drops a write made through a view of a state
-    buffer without any error (FINDINGS), which would make every later call see a stale cache."""
+    buffer without any error (docs/traps.md, Core ML), which would make every later call see a stale cache."""
     counts = state_writes(program)
     unwritten = [n for n in state_names if counts.get(n, 0) == 0]
     if unwritten:
@@ -198,26 +204,24 @@ def weight_kinds(module: nn.Module) -> dict[str, str]:
     return kinds
 
 
-def function_plan(options: ExportOptions) -> dict[str, int | None]:
+def function_plan(options: CoreMLOptions) -> dict[str, int | None]:
     """Function name -> fixed query length (None: ranged). The first is the default function."""
     return {"prefill": None, "decode": 1} if options.multifunction else {"main": None}
 
 
-def convert_functions(ckpt: Checkpoint, options: ExportOptions, max_context: int, state_names: list[str],
-                      plan: dict[str, int | None], profile: clients.Client | None = None) -> tuple[dict, dict[str, str]]:
+def convert_functions(ckpt: Checkpoint, io: ModelIO, options: CoreMLOptions, max_context: int,
+                      plan: dict[str, int | None]) -> tuple[dict, dict[str, str]]:
     """Trace once, convert each planned function. Returns ({name: MLModel}, weight kinds).
 
     The torch module is local: once this returns, the weights live on only in the programs' consts
     (which share the torch storage: one copy) and in each MLModel's saved weights on disk.
     """
-    profile = profile or clients.CLIENTS[clients.DEFAULT]
-    extra = profile.mask_extra_columns if ckpt.arch == "falcon" else 0
-    module = stateful_module(ckpt, max_context, options.batch_size, torch.float16 if options.dtype == "fp16" else torch.float32,
-                             **clients.stateful_options(profile, ckpt.arch))
+    dtype = torch.float16 if options.precision == "fp16" else torch.float32
+    module = stateful_module(ckpt, io, max_context, options.batch_size, dtype, options.profile)
+    state_names = [state_name(s.kind, options.profile) for s in io.states]
     with torch.inference_mode(False), torch.no_grad():
-        traced = torch.jit.trace(module, example_inputs(ckpt.arch, options.batch_size, extra), check_trace=False)
-    parts = {name: convert_function(traced, module, ckpt.arch, state_names, max_context, options, q,
-                                    extra_mask_columns=extra)
+        traced = torch.jit.trace(module, example_inputs(io, options.batch_size), check_trace=False)
+    parts = {name: convert_function(traced, module, io, state_names, max_context, options, q)
              for name, q in plan.items()}
     return parts, weight_kinds(module)
 
@@ -232,15 +236,16 @@ def release_program(model) -> None:
     gc.collect()
 
 
-def export(ckpt: Checkpoint, out_dir: str | Path, options: ExportOptions) -> Manifest:
+def export(ckpt: Checkpoint, out_dir: str | Path, options: CoreMLOptions) -> Manifest:
     """Convert `ckpt` into `out_dir/model.mlpackage` and return its manifest (the driver saves it)."""
     out_dir = Path(out_dir)
     max_context = options.context_for(ckpt.config)
-    profile = clients.client(options.client, "coreml", ckpt.arch)
-    io = clients.coreml_io(profile, arch_module(ckpt.arch).io_spec(ckpt.config, max_context, state_dtype="float16"))
+    clients.client(options.profile, "coreml", ckpt.arch)
+    io = clients.coreml_io(options.profile, arch_module(ckpt.arch).io_spec(ckpt.config, max_context, "stateful",
+                                                                           state_dtype="float16"))
     t0 = time.perf_counter()
     plan = function_plan(options)
-    parts, kinds = convert_functions(ckpt, options, max_context, [s.coreml_name for s in io.states], plan, profile)
+    parts, kinds = convert_functions(ckpt, io, options, max_context, plan)
     quantization: dict = {"method": "none"}
     plans = {}
     if options.quantize != "none":
@@ -254,25 +259,15 @@ def export(ckpt: Checkpoint, out_dir: str | Path, options: ExportOptions) -> Man
             release_program(parts[name])
     _save(parts, out_dir / PACKAGE, scratch=out_dir)
     del parts
-    write_metadata(out_dir / PACKAGE, _metadata(ckpt, options, max_context, profile))
-    extras = {
-        "inputs": {"input_ids": INPUT_IDS, **({"causal_mask": CAUSAL_MASK} if ckpt.arch == "falcon" else {})},
-        "outputs": {"logits": LOGITS},
-        "states": {s.kind: s.coreml_name for s in io.states},
-        "state_contents": {s.coreml_name: STATE_CONTENTS.get(s.kind, s.kind) for s in io.states},
-        "client": profile.name,
-        "clients": clients.support(profile, "coreml", ckpt.arch),
-        **({"causal_mask_extra_columns": profile.mask_extra_columns}
-           if ckpt.arch == "falcon" and profile.mask_extra_columns else {}),
-        "deployment_target": TARGET,
-        "functions": {name: ("ranged" if q is None else q) for name, q in plan.items()},
-        "default_function": next(iter(plan)),
-        "batch_size": options.batch_size,
-        "compute_precision": options.dtype,
-        "conversion_seconds": round(time.perf_counter() - t0, 2),
-    }
+    names = bindings(io, options.profile)
+    write_metadata(out_dir / PACKAGE, _metadata(ckpt, io, names, options, max_context))
+    extras = {"deployment_target": TARGET, "default_function": next(iter(plan)),
+              "clients": clients.support(options.profile, "coreml", ckpt.arch),
+              "conversion_seconds": round(time.perf_counter() - t0, 2)}
     return Manifest(format="coreml", arch=ckpt.arch, io=io, hf_config=ckpt.config.to_dict(), max_context=max_context,
-                    dtype=options.dtype, quantization=quantization, model_file=PACKAGE, extras=extras)
+                    dtype=options.precision, bindings=names, profile=options.profile, batch_size=options.batch_size,
+                    functions={name: ("ranged" if q is None else q) for name, q in plan.items()},
+                    quantization=quantization, model_file=PACKAGE, extras=extras)
 
 
 def _save(parts: dict, package: Path, scratch: Path) -> None:
@@ -304,15 +299,17 @@ def _model_name(ckpt: Checkpoint) -> str:
     return getattr(ckpt.config, "_name_or_path", "") or Path(ckpt.model_dir).name
 
 
-def _metadata(ckpt: Checkpoint, options: ExportOptions, max_context: int, profile: clients.Client) -> dict:
+def _metadata(ckpt: Checkpoint, io: ModelIO, names: tuple[Binding, ...], options: CoreMLOptions,
+              max_context: int) -> dict:
     from perch import __version__
 
     arch = (getattr(ckpt.config, "architectures", None) or [""])[0]
-    precision = {"none": options.dtype, "int8": "int8", "int4": "int4", "palettize4": "palettized 4-bit"}[options.quantize]
+    precision = options.precision if options.quantize == "none" else options.quantize
+    states = ", ".join(b.name for b in names if b.role == "state")
     return {
         "author": "Perch",
-        "short_description": f"{arch or ckpt.arch} ({precision}) with its {'K,V cache' if ckpt.arch == 'falcon' else 'conv and SSM state'} "
-                             f"as Core ML state, up to {max_context} tokens",
+        "short_description": f"{arch or ckpt.arch} ({precision}) with its state ({states}) as Core ML state, "
+                             f"up to {max_context} tokens",
         "version": __version__,
         "user_defined": {
             # swift-transformers reads the name (LanguageModel.modelName); the rest follows HF exporters.
@@ -320,24 +317,24 @@ def _metadata(ckpt: Checkpoint, options: ExportOptions, max_context: int, profil
             "co.huggingface.exporters.task": "text-generation",
             "co.huggingface.exporters.architecture": arch,
             "co.huggingface.exporters.framework": "pytorch",
-            "co.huggingface.exporters.precision": options.dtype,
+            "co.huggingface.exporters.precision": options.precision,
             "perch.version": __version__,
             "perch.arch": ckpt.arch,
             "perch.quantization": options.quantize,
             "perch.max_context": str(max_context),
         },
-        "inputs": {INPUT_IDS: "Token ids of the new tokens (batch, 1..max_context), int32",
-                   CAUSAL_MASK: _mask_description(profile.mask_extra_columns if ckpt.arch == "falcon" else 0)},
-        "outputs": {LOGITS: "Next-token scores (batch, new tokens, vocab)"},
+        "inputs": {NAMES["input_ids"]: "Token ids of the new tokens (batch, 1..max_context), int32",
+                   NAMES["causal_mask"]: MASK_TEXT.get(io.mask, "")},
+        "outputs": {NAMES["logits"]: "Next-token scores (batch, new tokens, vocab)"},
     }
 
 
-def _mask_description(extra_columns: int) -> str:
-    if extra_columns:
-        return ("Additive mask (batch, 1, 1 or new tokens, stored + new tokens + 1), as swift-transformers sends it: "
-                "zeros to attend (causality is applied inside), -1e4 to mask padding; the last column is unused")
-    return ("Additive causal mask (batch, 1, new tokens, stored + new tokens): 0 to attend, -1e4 to mask; its "
-            "length sets the position of the new tokens")
+MASK_TEXT = {
+    "additive": "Additive causal mask (batch, 1, new tokens, stored + new tokens): 0 to attend, -1e4 to mask; its "
+                "length sets the position of the new tokens",
+    "additive_plus_one": "Additive mask (batch, 1, 1 or new tokens, stored + new tokens + 1), as swift-transformers "
+                         "sends it: zeros attend (causality is applied inside), -1e4 masks padding; the last column is unused",
+}
 
 
 def write_metadata(package: Path, meta: dict) -> None:

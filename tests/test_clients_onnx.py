@@ -19,7 +19,8 @@ import pytest
 from perch.cli import main
 from perch.dev.fixtures import fixture_dir
 from perch.dev.presets import preset_dir
-from perch.exporter.export import ExportOptions, export
+from perch.exporter.export import export
+from perch.exporter.options import OnnxOptions
 from perch.exporter.to_onnx import quantize_artifact
 from perch.spec import Manifest
 from perch.validate.tolerances import precision_of, tolerance_for_precision
@@ -50,7 +51,7 @@ def exports(tmp_path_factory, models):
             if "quantize" in opts:
                 quantize_artifact(get(model), out, opts["quantize"])
             else:
-                export(models[model], out, ExportOptions(to="onnx", max_context=MAX_CONTEXT, **opts))
+                export(models[model], out, OnnxOptions(max_context=MAX_CONTEXT, **opts))
             made[name] = out
         return made[name]
 
@@ -67,7 +68,7 @@ def assert_logits_close(ref: np.ndarray, got: np.ndarray, artifact) -> None:
 
 
 GENAI_CASES = [
-    "falcon", "falcon:variant=inplace", "falcon:dtype=fp16", "falcon:quantize=int8", "falcon:quantize=int4",
+    "falcon", "falcon:variant=inplace", "falcon:precision=fp16", "falcon:quantize=int8", "falcon:quantize=int4",
     "falcon40b", "falcon40b:variant=inplace",
 ]
 
@@ -91,7 +92,7 @@ def test_genai_runs_falcon_export_unchanged(case, exports, models):
 @pytest.mark.parametrize("model", ["falcon", "falcon40b"])
 def test_transformers_js_runs_falcon_export(model, exports, models):
     """AutoModelForCausalLM.from_pretrained(dir) in Node, one flag at export: transformers' tokens."""
-    artifact = exports(f"{model}:client=transformers.js")
+    artifact = exports(f"{model}:profile=transformers.js")
     assert (artifact / "onnx" / "model.onnx").is_file() and not (artifact / "model.onnx").exists()
     for ids in PROMPTS:
         ref_tokens, ref_logits = harness.reference(models[model], ids, NEW_TOKENS)
@@ -119,9 +120,8 @@ def test_external_data_in_each_clients_naming(tmp_path, models, monkeypatch):
     from perch.exporter import to_onnx
 
     monkeypatch.setattr(to_onnx, "EXTERNAL_DATA_THRESHOLD", 0)  # every export "large"; 2 GB is too slow here
-    opts = dict(to="onnx", max_context=MAX_CONTEXT)
-    export(models["falcon40b"], tmp_path / "genai", ExportOptions(**opts))
-    export(models["falcon40b"], tmp_path / "tjs", ExportOptions(**opts, client="transformers.js"))
+    export(models["falcon40b"], tmp_path / "genai", OnnxOptions(max_context=MAX_CONTEXT))
+    export(models["falcon40b"], tmp_path / "tjs", OnnxOptions(max_context=MAX_CONTEXT, profile="transformers.js"))
     assert (tmp_path / "genai" / "model.onnx.data").is_file()
     assert (tmp_path / "tjs" / "onnx" / "model.onnx_data").is_file()
     config = json.loads((tmp_path / "tjs" / "config.json").read_text())

@@ -49,9 +49,12 @@ def genai(artifact: str | Path, ids: list[int], n: int) -> tuple[list[int], np.n
     gen = og.Generator(model, params)
     gen.append_tokens(ids)
     tokens, scores = [], []
-    while not gen.is_done():
-        gen.generate_next_token()
+    for _ in range(n):  # (with min_length = max_length, is_done() stays False at the last token)
+        assert not gen.is_done()
+        # get_logits() holds the scores the next token is chosen from (genai runs the model on each new
+        # token inside generate_next_token, so read them before it).
         scores.append(np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1))
+        gen.generate_next_token()
         tokens.append(int(gen.get_next_tokens()[0]))
     return tokens, np.stack(scores)
 

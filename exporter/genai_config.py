@@ -18,10 +18,11 @@ def genai_config(manifest, generation: dict | None = None) -> dict:
     Why "decoder": genai's generic decoder-only model type (its "falcon" type is not registered). The in-place
     variant's K,V buffers are fed as both past and present, so genai must share one buffer between them.
     """
-    if manifest.arch != "falcon":
+    kinds = {s.kind for s in manifest.io.states}
+    if kinds != {"key", "value"}:  # genai's decoder carries a K,V cache and nothing else
         from perch.exporter.clients import GENAI_NO_SSM
 
-        raise PerchError(f"no genai_config.json for {manifest.arch}: {GENAI_NO_SSM}")
+        raise PerchError(f"no genai_config.json for {manifest.arch} (states {sorted(kinds)}): {GENAI_NO_SSM}")
     hf, io = manifest.hf_config, manifest.io
     key = io.state("key")
     # genai takes printf templates: the realised names of layer 0 with the layer number as %d.

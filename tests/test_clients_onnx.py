@@ -173,3 +173,24 @@ def test_falcon_mamba_is_not_a_transformers_js_model(mamba_onnx, tmp_path):
     shutil.move(probe / "model.onnx", probe / "onnx" / "model.onnx")
     with pytest.raises(RuntimeError, match="falcon_mamba"):
         harness.transformers_js(probe, PROMPTS[0], 2)
+
+
+def test_client_examples_run(exports, models):
+    """examples/clients/ as a user runs them: genai from Python, transformers.js from a Node project dir."""
+    import subprocess
+    import sys
+
+    ids = PROMPTS[0]
+    ref_tokens, _ = harness.reference(models["falcon"], ids, 8)
+    examples = harness.ROOT / "examples" / "clients"
+    p = subprocess.run([sys.executable, str(examples / "genai_generate.py"), str(exports("falcon")), "The list type",
+                        "--max-new-tokens", "8"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"tokens: {ref_tokens}" in p.stdout
+    project = harness.node_modules()  # a Node project: the script sits next to its node_modules
+    script = project / "transformers_js_generate.mjs"
+    shutil.copy(examples / "transformers_js_generate.mjs", script)
+    p = subprocess.run(["node", str(script), str(exports("falcon:profile=transformers.js")), "The list type", "8"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"tokens: {json.dumps(ref_tokens, separators=(',', ':'))}" in p.stdout

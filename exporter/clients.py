@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from perch.errors import PerchError
+from perch.exporter.genai_config import GENAI_NO_SSM, write_genai_config
 from perch.spec import ModelIO, StateSpec, TensorSpec
 
 DEFAULT = "default"
@@ -43,9 +44,6 @@ class Client:
     data_file: str = "model.onnx.data"  # external-data file name in the client's convention
 
 
-GENAI_NO_SSM = ("ONNX Runtime GenAI's decoder feeds only a growing K,V cache (past_key_values.N.key/value); "
-                "it has no inputs for a recurrent model's conv and SSM states, so it cannot carry Falcon-Mamba's "
-                "state between steps. Run this export with Perch's runtime or onnxruntime directly")
 TJS_NO_MAMBA = ("transformers.js has no falcon_mamba model type (AutoModelForCausalLM refuses it: 'Unsupported "
                 "model type: falcon_mamba'), and no conv/SSM cache for it")
 OPTIMUM_NO_MAMBA = "optimum's ORTModelForCausalLM has no Falcon-Mamba support (no conv/SSM state handling)"
@@ -129,8 +127,6 @@ def write_side_files(manifest, out_dir: Path) -> list[str]:
     written = []
     verdicts = support(manifest.profile, manifest.format, manifest.arch)
     if manifest.format == "onnx" and verdicts.get("genai") == "runs":
-        from perch.exporter.genai_config import write_genai_config
-
         written.append(write_genai_config(manifest, out_dir))
     if manifest.profile == "transformers.js":
         written.append(_transformers_js_config(manifest, out_dir))

@@ -10,6 +10,9 @@ from pathlib import Path
 from perch.errors import PerchError
 
 GENAI_CONFIG = "genai_config.json"
+GENAI_NO_SSM = ("ONNX Runtime GenAI's decoder feeds only a growing K,V cache (past_key_values.N.key/value); "
+                "it has no inputs for a recurrent model's conv and SSM states, so it cannot carry Falcon-Mamba's "
+                "state between steps. Run this export with Perch's runtime or onnxruntime directly")
 
 
 def genai_config(manifest, generation: dict | None = None) -> dict:
@@ -20,8 +23,6 @@ def genai_config(manifest, generation: dict | None = None) -> dict:
     """
     kinds = {s.kind for s in manifest.io.states}
     if kinds != {"key", "value"}:  # genai's decoder carries a K,V cache and nothing else
-        from perch.exporter.clients import GENAI_NO_SSM
-
         raise PerchError(f"no genai_config.json for {manifest.arch} (states {sorted(kinds)}): {GENAI_NO_SSM}")
     hf, io = manifest.hf_config, manifest.io
     key = io.state("key")

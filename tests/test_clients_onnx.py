@@ -103,14 +103,15 @@ def test_transformers_js_runs_falcon_export(model, exports, models):
 
 
 def test_every_onnx_export_uses_optimum_axis_names(exports):
+    """transformers.js sizes its empty first cache from these names (any but batch_size becomes 0)."""
     import onnx
 
     graph = onnx.load(exports("falcon") / "model.onnx", load_external_data=False).graph
     dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in (*graph.input, *graph.output)}
     assert dims["input_ids"] == ["batch_size", "sequence_length"]
-    assert dims["attention_mask"] == ["batch_size", "past_sequence_length + sequence_length"]
+    assert dims["attention_mask"] == ["batch_size", "total_sequence_length"]
     assert dims["past_key_values.0.key"][0::2] == ["batch_size", "past_sequence_length"]
-    assert dims["present.0.key"][2] == "past_sequence_length + sequence_length"
+    assert dims["present.0.key"][2] == "total_sequence_length"
     clients = Manifest.load(exports("falcon")).extras["clients"]
     assert clients == {"optimum": "runs", "genai": "runs", "transformers.js": "export with --for transformers.js"}
 

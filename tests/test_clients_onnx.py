@@ -67,9 +67,12 @@ def assert_logits_close(ref: np.ndarray, got: np.ndarray, artifact) -> None:
         assert np.abs(got[:n] - ref[:n]).max() <= tol.max_abs
 
 
+# slow: each is another export of the trained fixture; benchmarks/clients.py runs the same cases.
+SLOW = pytest.mark.slow
 GENAI_CASES = [
-    "falcon", "falcon:variant=inplace", "falcon:precision=fp16", "falcon:quantize=int8", "falcon:quantize=int4",
-    "falcon40b", "falcon40b:variant=inplace",
+    "falcon", "falcon:variant=inplace", pytest.param("falcon:precision=fp16", marks=SLOW),
+    pytest.param("falcon:quantize=int8", marks=SLOW), "falcon:quantize=int4",
+    "falcon40b", pytest.param("falcon40b:variant=inplace", marks=SLOW),
 ]
 
 
@@ -116,6 +119,7 @@ def test_every_onnx_export_uses_optimum_axis_names(exports):
     assert clients == {"optimum": "runs", "genai": "runs", "transformers.js": "export with --for transformers.js"}
 
 
+@pytest.mark.slow
 def test_external_data_in_each_clients_naming(tmp_path, models, monkeypatch):
     """Weights above the threshold go to the client's data file, and the client still loads them."""
     from perch.exporter import to_onnx

@@ -119,7 +119,6 @@ def test_every_onnx_export_uses_optimum_axis_names(exports):
     assert clients == {"optimum": "runs", "genai": "runs", "transformers.js": "export with --for transformers.js"}
 
 
-@pytest.mark.slow
 def test_external_data_in_each_clients_naming(tmp_path, models, monkeypatch):
     """Weights above the threshold go to the client's data file, and the client still loads them."""
     from perch.exporter import to_onnx

@@ -114,7 +114,7 @@ def test_every_onnx_export_uses_optimum_axis_names(exports):
     assert dims["input_ids"] == ["batch_size", "sequence_length"]
     assert dims["attention_mask"] == ["batch_size", "total_sequence_length"]
     assert dims["past_key_values.0.key"][0::2] == ["batch_size", "past_sequence_length"]
-    assert dims["present.0.key"][2] == "total_sequence_length"
+    assert dims["present.0.key"][2] == "past_sequence_length + sequence_length"
     clients = Manifest.load(exports("falcon")).extras["clients"]
     assert clients == {"optimum": "runs", "genai": "runs", "transformers.js": "export with --for transformers.js"}
 

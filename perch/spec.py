@@ -72,6 +72,9 @@ MASK_CONTRACTS = {
     "additive": "causal_mask (batch, 1, sequence, total_sequence) additive (0 attend, -1e4 masked); the new "
                 "tokens sit at positions total-T..total-1, so its length places them",
     "none": "no mask input: every call continues from the stored state, no padding",
+    "additive_plus_one": "causal_mask (batch, 1, 1 or sequence, total_sequence + 1) as swift-transformers sends "
+                         "it: zeros, one column longer than the keys; causality is applied inside, the mask only "
+                         "adds (padding) on top, and its last column is unused",
 }
 
 

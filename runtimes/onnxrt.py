@@ -128,6 +128,19 @@ def check_files(directory: Path, manifest: Manifest) -> Path:
     return path
 
 
+def split_fused_kv(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """transformers.js' fused "key_value.i" (K then V on the last axis) -> the canonical "key.i", "value.i"."""
+    out = {}
+    for name, a in state.items():
+        kind, _, layer = name.rpartition(".")
+        if kind == "key_value":
+            hd = a.shape[-1] // 2
+            out[f"key.{layer}"], out[f"value.{layer}"] = a[..., :hd], a[..., hd:]
+        else:
+            out[name] = a
+    return out
+
+
 def open_session(path: Path, providers: list, threads: int | None = None):
     ort = _ort()
     opts = ort.SessionOptions()
@@ -235,7 +248,7 @@ class OnnxRuntime(Runtime):
         if self.variant == "inplace":  # fixed buffers: cut each to the tokens stored, along its cache axis
             axis = {s.kind: s.cache_axis for s in self.io.states}
             arrays = {k: np.take(a, np.arange(self.position), axis=axis[k.split(".")[0]]) for k, a in arrays.items()}
-        return {k: a.astype(np.float32) for k, a in arrays.items()}
+        return split_fused_kv({k: a.astype(np.float32) for k, a in arrays.items()})
 
     def close(self) -> None:
         self.values, self.spare, self._binding, self.session = {}, None, None, None

@@ -21,6 +21,7 @@ class ExportOptions:
     `options_for(to, **fields)`."""
 
     BACKEND: ClassVar[str] = ""
+    LABEL: ClassVar[str] = ""
     MODULE: ClassVar[str] = ""  # the backend module: export(ckpt, out_dir, options) and its naming function
     QUANTIZE: ClassVar[tuple[str, ...]] = ("none",)
     FLAGS: ClassVar[dict[str, str]] = {}  # field -> CLI flag, for messages that name a flag
@@ -59,6 +60,7 @@ class ExportOptions:
 @dataclass(frozen=True)
 class OnnxOptions(ExportOptions):
     BACKEND: ClassVar[str] = "onnx"
+    LABEL: ClassVar[str] = "ONNX"
     MODULE: ClassVar[str] = "perch.exporter.to_onnx"
     # the recipes (exporter/quant_recipes.py) the backend's METHODS table offers: read here without onnx_ir
     QUANTIZE: ClassVar[tuple[str, ...]] = ("none", *RECIPES)
@@ -75,6 +77,7 @@ class OnnxOptions(ExportOptions):
 @dataclass(frozen=True)
 class CoreMLOptions(ExportOptions):
     BACKEND: ClassVar[str] = "coreml"
+    LABEL: ClassVar[str] = "Core ML"
     MODULE: ClassVar[str] = "perch.exporter.to_coreml"
     QUANTIZE: ClassVar[tuple[str, ...]] = ("none", *RECIPES, "palettize4")
     FLAGS: ClassVar[dict[str, str]] = {"multifunction": "--multifunction", "batch_size": "--batch-size"}
@@ -105,5 +108,5 @@ def options_for(to: str, **values) -> ExportOptions:
         if other is None:
             raise PerchError(f"unknown export option {name!r}")
         if value != next(f.default for f in fields(other) if f.name == name):
-            raise PerchError(f"{other.FLAGS.get(name, name)} applies to --to {other.BACKEND} exports only")
+            raise PerchError(f"{other.FLAGS.get(name, name)} applies to {other.LABEL} exports only (--to {other.BACKEND})")
     return cls(**{k: v for k, v in values.items() if k in own})

@@ -271,8 +271,9 @@ def past_present(core: FalconMambaCore) -> nn.Module:
     return FalconMambaPastPresent(core)
 
 
-def stateful(core: FalconMambaCore, batch_size: int, state_dtype: torch.dtype, names: dict[str, str]) -> nn.Module:
-    return FalconMambaStateful(core, batch_size, state_dtype, names)
+def stateful(core: FalconMambaCore, batch_size: int, state_dtype: torch.dtype, names: dict[str, str],
+             mask: str = "none") -> nn.Module:
+    return FalconMambaStateful(core, batch_size, state_dtype, names)  # no mask input: `mask` is always "none"
 
 
 # ---- transformers' own model as the reference (perch.runtimes.pytorch.reference)

@@ -32,6 +32,14 @@ SUPPORTED: dict[str, dict] = {
         "prefix": "backbone",
         "embedding": "backbone.embeddings.weight",
     },
+    "falcon_h1": {
+        "hf_model_types": ["falcon_h1"],
+        "hf_architectures": ["FalconH1ForCausalLM"],
+        "description": "Falcon-H1 hybrid: rotary GQA attention and a Mamba-2 mixer in parallel in every layer",
+        "variants": ["one layout: every layer hybrid; gated RMS norm in the mixer or a plain SiLU gate"],
+        "prefix": "model",
+        "embedding": "model.embed_tokens.weight",
+    },
 }
 
 _NOT_SUPPORTED_NOTE = "ALiBi Falcon checkpoints (falcon-rw-1b/7b), RoPE scaling, GPTQ/AWQ-quantized checkpoints"
@@ -63,6 +71,9 @@ def detect_arch(config) -> str:
     _check_rope(config)
     if arch == "falcon":
         falcon_layout(config)  # raises for the Falcon variants we cannot export
+    check = getattr(arch_module(arch), "check_config", None)
+    if check is not None:
+        check(config)
     return arch
 
 
@@ -157,7 +168,8 @@ def describe_supported() -> str:
     return "\n".join(lines)
 
 
-ARCH_MODULES = {"falcon": "perch.archs.falcon", "falcon_mamba": "perch.archs.falcon_mamba"}
+ARCH_MODULES = {"falcon": "perch.archs.falcon", "falcon_mamba": "perch.archs.falcon_mamba",
+                "falcon_h1": "perch.archs.falcon_h1"}
 
 
 def arch_module(arch: str):

@@ -436,5 +436,23 @@ def build(config, state_dict: dict[str, torch.Tensor], max_context: int, scan: s
     return core.eval()
 
 
+def reference_forward(model, cache, ids, mask, positions):
+    """transformers' Falcon-H1 as the reference: its multi-token forward continues from a non-empty cache
+    (checked: chunks and single steps both equal a full forward to ~6e-7, unlike Falcon-Mamba's)."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+    return out.logits, out.cache
+
+
+def reference_state(cache, config) -> dict:
+    """transformers' hybrid cache as Perch's per-layer state (K,V stored at the K,V head count)."""
+    out = {}
+    for i in range(config.num_hidden_layers):
+        layer = cache.layers[i]
+        for kind, t in (("key", layer.keys), ("value", layer.values), ("conv", cache.get_conv_state(i)),
+                        ("ssm", cache.get_recurrent_state(i))):
+            out[f"{kind}.{i}"] = t.float().cpu().numpy()
+    return out
+
+
 # The names every architecture module exposes (see perch/archs/__init__.py).
 PastPresent, Stateful = FalconH1PastPresent, FalconH1Stateful

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from perch.archs import arch_module
 from perch.loading import Checkpoint, build_hf_model, load_checkpoint
 from perch.dev.presets import resolve_model
 from perch.runtimes.base import Runtime
@@ -54,7 +55,11 @@ class ReferenceRuntime(Runtime):
     @torch.inference_mode()
     def _forward(self, input_ids, mask, positions) -> np.ndarray:
         ids = torch.from_numpy(input_ids).to(self.device)
-        if self.arch == "falcon":
+        hook = getattr(arch_module(self.arch), "reference_forward", None)
+        if hook is not None:  # the architecture says how transformers runs it with a cache
+            to = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
+            logits, self.cache = hook(self.model, self.cache, ids, to(mask), to(positions))
+        elif self.arch == "falcon":
             logits = self._falcon(ids, torch.from_numpy(mask).to(self.device), torch.from_numpy(positions).to(self.device))
         elif self.cache is None:
             logits = self._mamba(ids, torch.from_numpy(mask[:, -ids.shape[1]:]).to(self.device))
@@ -76,6 +81,9 @@ class ReferenceRuntime(Runtime):
     def state(self) -> dict[str, np.ndarray]:
         if self.cache is None:
             return {}
+        hook = getattr(arch_module(self.arch), "reference_state", None)
+        if hook is not None:
+            return hook(self.cache, self.config)
         out: dict[str, np.ndarray] = {}
         for i in range(self.config.num_hidden_layers):
             if self.arch == "falcon":

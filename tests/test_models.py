@@ -47,7 +47,7 @@ def prompt(batch: int, t: int, vocab: int, seed: int = 0) -> np.ndarray:
 
 
 # Falcon has no scan; Falcon-Mamba and Falcon-H1 run with each of their scan forms.
-SCAN_FORMS = {"falcon-mamba-tiny": ("loop", "logdepth", "scan"), "falcon-h1-tiny": ("loop", "ssd", "scan", "logdepth")}
+SCAN_FORMS = {"falcon-mamba-tiny": ("loop", "logdepth", "scan"), "falcon-h1-tiny": ("loop", "chunked", "quadratic")}
 CASES = [(n, s) for n in TINY_PRESETS for s in SCAN_FORMS.get(n, ("loop",))]
 
 
@@ -118,7 +118,7 @@ def test_falcon_variants_match_transformers(tmp_path, variant):
 
 @pytest.mark.parametrize("variant", sorted(FALCON_H1_VARIANTS))
 def test_falcon_h1_variants_match_transformers(tmp_path, variant):
-    """Chunks of 11, 1 and 6 tokens over the SSD form, batch 2, against one transformers forward."""
+    """Chunks of 11, 1 and 6 tokens over the chunked SSD form, batch 2, against one transformers forward."""
     from transformers import FalconH1Config, FalconH1ForCausalLM
 
     from perch.loading import load_checkpoint
@@ -133,7 +133,7 @@ def test_falcon_h1_variants_match_transformers(tmp_path, variant):
     model.save_pretrained(tmp_path)
     ckpt = load_checkpoint(tmp_path)
     ids = prompt(2, 18, cfg.vocab_size, seed=3)
-    ours = EagerRuntime(ckpt, max_context=32, scan="ssd")
+    ours = EagerRuntime(ckpt, max_context=32, scan="chunked")
     ours.reset(2)
     got = np.concatenate([ours.prefill(ids[:, :11]), ours.prefill(ids[:, 11:12]), ours.prefill(ids[:, 12:])], 1)
     assert np.abs(got - hf_logits(ckpt, ids)).max() <= TOL

@@ -7,12 +7,14 @@ head, attention in/out, key, SSM in/out, the five per-segment `ssm_multipliers` 
 projection, MLP gate/down) are applied where transformers applies them. Every call continues from the
 stored state, so a prompt can be fed in any number of chunks.
 
-The Mamba-2 scan (scalar decay per head) has three forms:
+The Mamba-2 scan (a scalar decay per head) has three forms:
 - "loop": sequential, the plain definition (eager reference);
-- "ssd": the chunked state-space-dual form: quadratic inside chunks of `chunk` tokens, a short decay product
-  across chunks; no data-dependent loop, dynamic length (ONNX). With chunk=None the whole call is one chunk,
-  which jit.trace keeps dynamic too (Core ML); callers asking for "logdepth" (a fixed traceable form) get this;
-- "scan": torch's `scan` higher-order op (an ONNX `Scan` with a dynamic length).
+- "chunked": the state-space-dual (SSD) form: quadratic inside chunks of ONNX_CHUNK tokens, a decay product
+  across chunks; no data-dependent loop and a dynamic length (torch.export -> ONNX);
+- "quadratic": the same with the whole call as one chunk: no padding, so jit.trace keeps the length
+  dynamic (Core ML), at T^2 per head (feed long prompts in chunks; the state carries over).
+Backends ask for a form by its Falcon-Mamba name ("scan": dynamic length for ONNX; "logdepth": a fixed
+traceable graph for Core ML); `EXPORT_SCANS` says what those mean here.
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ STATE_HOLDS = {"key": "rotated keys at the K,V head count (batch, kv_heads, cont
                "conv": "the mixer's last conv_kernel inputs (batch, d_ssm + 2*groups*d_state, conv_kernel)",
                "ssm": "the Mamba-2 state per head (batch, heads, head_dim, d_state)"}
 TOLERANCES: dict[str, dict] = {}
-SCANS = ("loop", "ssd", "scan", "logdepth")
+SCANS = ("loop", "chunked", "quadratic")
+EXPORT_SCANS = {"scan": "chunked", "logdepth": "quadratic"}
 ONNX_CHUNK = 64  # SSD chunk for the ONNX graph: decode pads one token to this, prefill costs T*chunk per head
 
 
@@ -141,20 +144,6 @@ def scan_ssd(x, dt, a, b, c, h0, chunk: int | None):
     return y.flatten(1, 2)[:, :t], starts[:, -1]
 
 
-def _scan_step(h, inp):
-    x, dt, b, c, a = inp[0], inp[1], inp[2], inp[3], inp[4]
-    h = torch.exp(dt * a)[:, :, None, None] * h + (dt[:, :, None] * x)[..., None] * b[:, :, None, :]
-    return h, (h * c[:, :, None, :]).sum(-1)
-
-
-def scan_hop(x, dt, a, b, c, h0):
-    from torch._higher_order_ops.scan import scan
-
-    a_t = a.expand(x.shape[0], x.shape[1], -1)  # scanned inputs all need the time axis
-    h, ys = scan(_scan_step, h0, (x, dt, b, c, a_t), dim=1)
-    return ys, h
-
-
 # ------------------------------------------------------------------------------------------- modules
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
@@ -223,8 +212,6 @@ class Mixer(nn.Module):
         a, h0 = a_log_to_a(self.A_log), ssm_state.float()
         if scan == "loop":
             y, h = scan_loop(xs, dt, a, b, c, h0)
-        elif scan == "scan":
-            y, h = scan_hop(xs, dt, a, b, c, h0)
         else:
             y, h = scan_ssd(xs, dt, a, b, c, h0, chunk)
         y = (y + xs * self.D.float()[:, None]).flatten(2)  # (B, T, d)
@@ -294,11 +281,11 @@ class FalconH1Core(nn.Module):
 
     def __init__(self, config, max_context: int, scan: str = "loop"):
         super().__init__()
+        scan = EXPORT_SCANS.get(scan, scan)
         if scan not in SCANS:
-            raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
-        self.config, self.max_context = config, max_context
-        self.scan = "ssd" if scan == "logdepth" else scan
-        self.chunk = None if scan == "logdepth" else ONNX_CHUNK
+            raise ValueError(f"scan must be one of {SCANS} (or {tuple(EXPORT_SCANS)}), got {scan!r}")
+        self.config, self.max_context, self.scan = config, max_context, scan
+        self.chunk = None if scan == "quadratic" else ONNX_CHUNK
         self.model = Body(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.init_buffers("meta" if self.lm_head.weight.is_meta else "cpu")

@@ -45,11 +45,12 @@ _H1_TINY = dict(
     vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, head_dim=32, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16,
     mamba_n_groups=1, mamba_d_conv=4, mamba_chunk_size=16, mamba_rms_norm=False, max_position_embeddings=512,
-    embedding_multiplier=5.65, lm_head_multiplier=0.04, key_multiplier=0.4, attention_in_multiplier=1.2,
+    embedding_multiplier=5.65, lm_head_multiplier=3.0, key_multiplier=0.4, attention_in_multiplier=1.2,
     attention_out_multiplier=0.9, ssm_in_multiplier=1.3, ssm_out_multiplier=0.3, mlp_multipliers=[1.1, 0.6],
     ssm_multipliers=[0.4, 0.3, 0.2, 0.5, 1.2], tie_word_embeddings=False,
 )
-# Approximate public shapes of Falcon-H1-0.5B / 1.5B (random weights: for speed and memory only).
+# Approximate public shapes of Falcon-H1-0.5B / 1.5B (random weights: for speed and memory only). The tiny
+# preset scales its LM head up (3.0, the checkpoints use ~0.04) so random-weight logits are not flat.
 _H1_05B = dict(_H1_TINY, vocab_size=32784, hidden_size=1024, intermediate_size=2048, num_hidden_layers=36,
                num_attention_heads=8, num_key_value_heads=2, head_dim=64, mamba_d_ssm=1536, mamba_n_heads=24,
                mamba_d_head=64, mamba_d_state=128, mamba_chunk_size=128, max_position_embeddings=16384,

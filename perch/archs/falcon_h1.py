@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from perch.archs.falcon import MASK_MIN, additive_mask, rotary_tables, rotate_half, rope_theta
+from perch.archs.falcon import rotary_tables, rotate_half, rope_theta
+from perch.archs.masks import MASK_MIN, additive_mask
 from perch.archs.falcon_mamba import a_log_to_a
 from perch.spec import ModelIO, StateSpec, TensorSpec
 
@@ -45,9 +46,9 @@ ONNX_CHUNK = 64  # SSD chunk for the ONNX graph: decode pads one token to this, 
 
 
 def _unsupported(what: str):
-    from perch.archs import _unsupported as make
+    from perch.archs import unsupported
 
-    return make(what)
+    return unsupported(what)
 
 
 def check_config(config) -> None:
@@ -352,18 +353,13 @@ class FalconH1Stateful(nn.Module):
     forward(input_ids (B, T), causal_mask (B, 1, T, end)) -> logits, as Falcon's stateful front-end.
     """
 
-    def __init__(self, core: FalconH1Core, batch_size: int = 1, state_dtype: torch.dtype = torch.float16,
-                 names: dict[str, str] | None = None):
+    def __init__(self, core: FalconH1Core, batch_size: int, state_dtype: torch.dtype, names: dict[str, str]):
         super().__init__()
-        self.core, c = core, core.config
-        self.names = names or {s.kind: s.coreml_name for s in io_spec(c, core.max_context).states}
+        self.core, self.names, c = core, names, core.config
         n = c.num_hidden_layers
-        shapes = {"key": (n, batch_size, c.num_key_value_heads, core.max_context, head_dim(c)),
-                  "conv": (n, batch_size, conv_dim(c), c.mamba_d_conv),
-                  "ssm": (n, batch_size, c.mamba_n_heads, c.mamba_d_head, c.mamba_d_state)}
-        shapes["value"] = shapes["key"]
-        for kind, shape in shapes.items():
-            self.register_buffer(self.names[kind], torch.zeros(shape, dtype=state_dtype))
+        for spec in io_spec(c, core.max_context, "stateful").states:  # buffer names are the backend's state names
+            shape = (n, *spec.concrete_shape(batch_size, core.max_context))
+            self.register_buffer(names[spec.kind], torch.zeros(shape, dtype=state_dtype))
 
     def buf(self, kind: str) -> torch.Tensor:
         return getattr(self, self.names[kind])
@@ -380,8 +376,11 @@ class FalconH1Stateful(nn.Module):
             vc[i : i + 1, :, :, start:end] = v.unsqueeze(0).to(vc.dtype)
             return attn.attend(q, kc[i, :, :, :end].to(k.dtype), vc[i, :, :, :end].to(v.dtype), mask)
 
+        # The mixer's padding mask, from the mask's last row (a real token under left padding): 1 where it may
+        # attend among the new tokens. A padded token then feeds the SSM nothing, as in transformers.
+        ssm_mask = (causal_mask[:, 0, -1, start:end] > MASK_MIN / 2).to(causal_mask.dtype)
         n = self.core.config.num_hidden_layers
-        logits, conv, ssm = self.core.run(input_ids, positions, causal_mask, None, [cc[i] for i in range(n)],
+        logits, conv, ssm = self.core.run(input_ids, positions, causal_mask, ssm_mask, [cc[i] for i in range(n)],
                                           [sc[i] for i in range(n)], attend)
         for i in range(n):
             cc[i : i + 1] = conv[i].unsqueeze(0).to(cc.dtype)
@@ -389,27 +388,23 @@ class FalconH1Stateful(nn.Module):
         return logits
 
 
-def io_spec(config, max_context: int, state_dtype: str = "float32") -> ModelIO:
-    """Inputs, outputs and the four per-layer states of the past/present graph."""
+def io_spec(config, max_context: int, frontend: str = "past_present", state_dtype: str = "float32") -> ModelIO:
+    """Canonical I/O: key, value, conv and SSM state per layer. Past/present takes the 0/1 key mask over
+    everything stored (its last T columns mask the mixer); stateful takes Falcon's additive causal mask."""
     n, hd, nkv = config.num_hidden_layers, head_dim(config), config.num_key_value_heads
-    kv = ("batch", nkv, "context", hd)
-    return ModelIO(
-        arch=NAME,
-        inputs=(
-            TensorSpec("input_ids", ("batch", "sequence"), "int64"),
-            TensorSpec("attention_mask", ("batch", "total_sequence"), "int64"),
-            TensorSpec("position_ids", ("batch", "sequence"), "int64"),
-        ),
-        outputs=(TensorSpec("logits", ("batch", "sequence", config.vocab_size), "float32"),),
-        states=(
-            StateSpec("key", kv, state_dtype, n, "past_key_values.{i}.key", "present.{i}.key", "keyCache"),
-            StateSpec("value", kv, state_dtype, n, "past_key_values.{i}.value", "present.{i}.value", "valueCache"),
-            StateSpec("conv", ("batch", conv_dim(config), config.mamba_d_conv), state_dtype, n,
-                      "past_conv_state.{i}", "present_conv_state.{i}", "convState"),
-            StateSpec("ssm", ("batch", config.mamba_n_heads, config.mamba_d_head, config.mamba_d_state), state_dtype,
-                      n, "past_ssm_state.{i}", "present_ssm_state.{i}", "ssmState"),
-        ),
-    )
+    kv = ("batch", nkv, "context" if frontend == "past_present" else max_context, hd)
+    shapes = {"key": kv, "value": kv, "conv": ("batch", conv_dim(config), config.mamba_d_conv),
+              "ssm": ("batch", config.mamba_n_heads, config.mamba_d_head, config.mamba_d_state)}
+    states = tuple(StateSpec(kind, shape, state_dtype, n, STATE_HOLDS[kind]) for kind, shape in shapes.items())
+    logits = (TensorSpec("logits", ("batch", "sequence", config.vocab_size), "float32"),)
+    if frontend == "stateful":
+        inputs = (TensorSpec("input_ids", ("batch", "sequence"), "int32"),
+                  TensorSpec("causal_mask", ("batch", 1, "sequence", "total_sequence"), "float16"))
+        return ModelIO(NAME, frontend, "additive", inputs, logits, states)
+    inputs = (TensorSpec("input_ids", ("batch", "sequence"), "int64"),
+              TensorSpec("attention_mask", ("batch", "total_sequence"), "int64"),
+              TensorSpec("position_ids", ("batch", "sequence"), "int64"))
+    return ModelIO(NAME, frontend, "keys", inputs, logits, states)
 
 
 def build(config, state_dict: dict[str, torch.Tensor], max_context: int, scan: str = "loop") -> FalconH1Core:
@@ -423,6 +418,15 @@ def build(config, state_dict: dict[str, torch.Tensor], max_context: int, scan: s
     return core.eval()
 
 
+def past_present(core: FalconH1Core) -> nn.Module:
+    return FalconH1PastPresent(core)
+
+
+def stateful(core: FalconH1Core, batch_size: int, state_dtype: torch.dtype, names: dict[str, str]) -> nn.Module:
+    return FalconH1Stateful(core, batch_size, state_dtype, names)
+
+
+# ---- transformers' own model as the reference (perch.runtimes.pytorch.reference)
 def reference_forward(model, cache, ids, mask, positions):
     """transformers' Falcon-H1 as the reference: its multi-token forward continues from a non-empty cache
     (checked: chunks and single steps both equal a full forward to ~6e-7, unlike Falcon-Mamba's)."""
@@ -430,16 +434,13 @@ def reference_forward(model, cache, ids, mask, positions):
     return out.logits, out.cache
 
 
-def reference_state(cache, config) -> dict:
+def reference_state(cache, config) -> dict[str, torch.Tensor]:
     """transformers' hybrid cache as Perch's per-layer state (K,V stored at the K,V head count)."""
     out = {}
     for i in range(config.num_hidden_layers):
         layer = cache.layers[i]
         for kind, t in (("key", layer.keys), ("value", layer.values), ("conv", cache.get_conv_state(i)),
                         ("ssm", cache.get_recurrent_state(i))):
-            out[f"{kind}.{i}"] = t.float().cpu().numpy()
+            out[f"{kind}.{i}"] = t
     return out
 
-
-# The names every architecture module exposes (see perch/archs/__init__.py).
-PastPresent, Stateful = FalconH1PastPresent, FalconH1Stateful

@@ -40,7 +40,8 @@ _MAMBA_TINY = dict(
 )
 _SPECIAL = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)
 # Falcon-H1: head_dim set apart from hidden/heads and non-unit µP multipliers (the published checkpoints have
-# both), so a module that ignored either would fail the parity tests.
+# both), so a module that ignored either would fail the parity tests. The LM head multiplier is scaled up
+# (3.0; the checkpoints use ~0.04) so that random-weight logits are not flat.
 _H1_TINY = dict(
     vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, head_dim=32, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16,
@@ -49,12 +50,11 @@ _H1_TINY = dict(
     attention_out_multiplier=0.9, ssm_in_multiplier=1.3, ssm_out_multiplier=0.3, mlp_multipliers=[1.1, 0.6],
     ssm_multipliers=[0.4, 0.3, 0.2, 0.5, 1.2], tie_word_embeddings=False,
 )
-# Approximate public shapes of Falcon-H1-0.5B / 1.5B (random weights: for speed and memory only). The tiny
-# preset scales its LM head up (3.0, the checkpoints use ~0.04) so random-weight logits are not flat.
+# Approximate public shapes of Falcon-H1-0.5B / 1.5B (random weights: for speed and memory only).
 _H1_05B = dict(_H1_TINY, vocab_size=32784, hidden_size=1024, intermediate_size=2048, num_hidden_layers=36,
                num_attention_heads=8, num_key_value_heads=2, head_dim=64, mamba_d_ssm=1536, mamba_n_heads=24,
                mamba_d_head=64, mamba_d_state=128, mamba_chunk_size=128, max_position_embeddings=16384,
-               rope_parameters={"rope_type": "default", "rope_theta": 1e11})
+               lm_head_multiplier=0.04, rope_parameters={"rope_type": "default", "rope_theta": 1e11})
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -69,12 +69,12 @@ PRESETS: dict[str, Preset] = {
                "intermediate_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 8, "head_dim": 64,
                "mamba_d_ssm": 1536, "mamba_n_heads": 24, "mamba_d_head": 64, "mamba_d_state": 64,
                "max_position_embeddings": 2048}, "mid-size Falcon-H1 (hidden 1024, 8 layers)", tags=("bench",)),
-        Preset("falcon-h1-0.5b", "falcon_h1", {**_H1_05B, **_SPECIAL}, "Falcon-H1-0.5B shapes (~0.5B params), random "
+        Preset("falcon-h1-0.5b", "falcon_h1", {**_H1_05B, **_SPECIAL}, "Falcon-H1-0.5B shapes (0.52B params), random "
                "weights", dtype="bfloat16", tags=("full",)),
         Preset("falcon-h1-1.5b", "falcon_h1", {**_H1_05B, **_SPECIAL, "vocab_size": 65537, "hidden_size": 2048,
                "intermediate_size": 4096, "num_hidden_layers": 24, "head_dim": 128, "mamba_d_ssm": 3072,
                "mamba_n_heads": 48, "mamba_d_state": 256, "mamba_chunk_size": 256},
-               "Falcon-H1-1.5B shapes (~1.5B params), random weights", dtype="bfloat16", tags=("full",)),
+               "Falcon-H1-1.5B shapes (1.48B params), random weights", dtype="bfloat16", tags=("full",)),
         Preset("falcon-mid", "falcon", {**_FALCON_TINY, **_SPECIAL, "vocab_size": 65024, "hidden_size": 1024,
                "num_hidden_layers": 8, "num_attention_heads": 16, "max_position_embeddings": 2048},
                "mid-size 7B-style (hidden 1024, 8 layers) for CPU benchmarks", tags=("bench",)),
@@ -105,10 +105,11 @@ def make_config(name: str):
     """The transformers config object of a preset."""
     import transformers
 
+    from perch.archs import arch_module
+
     p = get(name)
-    cls, head = {"falcon": ("FalconConfig", "FalconForCausalLM"), "falcon_mamba": ("FalconMambaConfig", "FalconMambaForCausalLM"),
-                 "falcon_h1": ("FalconH1Config", "FalconH1ForCausalLM")}[p.arch]
-    return getattr(transformers, cls)(**p.config, architectures=[head])
+    mod = arch_module(p.arch)
+    return getattr(transformers, mod.HF_CONFIG)(**p.config, architectures=[mod.HF_ARCHITECTURES[0]])
 
 
 def get(name: str) -> Preset:

@@ -192,7 +192,9 @@ class Mixer(nn.Module):
     def conv(self, x: torch.Tensor, conv_state: torch.Tensor):
         """x (B, Dc, T) continues after conv_state (B, Dc, K): the last K inputs. Returns (silu(y), new state)."""
         full = torch.cat([conv_state[:, :, 1:].to(x.dtype), x], dim=2)  # (B, Dc, K-1+T)
-        y = F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=self.cd)
+        # Cast to the weight's dtype: coremltools types a scalar multiplier (the µP ones) fp32, so in an fp16
+        # trace the conv input arrives fp32 and its weight would be promoted away from the fp16 bias.
+        y = F.conv1d(full.to(self.conv1d.weight.dtype), self.conv1d.weight, self.conv1d.bias, groups=self.cd)
         return F.silu(y), full[:, :, -self.k :]
 
     def forward(self, x, mask, conv_state, ssm_state, mup, scan: str, chunk: int | None):

@@ -300,9 +300,11 @@ class FalconH1Core(nn.Module):
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
         self.register_buffer("mup", mup_vector(self.config).to(device), persistent=False)
 
-    def run(self, input_ids, position_ids, mask, ssm_mask, conv_states, ssm_states, attend):
+    def run(self, input_ids, position_ids, mask, ssm_mask, conv_states, ssm_states, attend,
+            hidden_out: list | None = None):
         """input_ids, position_ids (B, T); mask (B, 1, T, S) additive; ssm_mask (B, T) or None; `attend` the
-        K,V cache policy `attend(i, attn, q, k, v, mask) -> (B, T, nh*hd)` -> (logits, conv list, ssm list)."""
+        K,V cache policy `attend(i, attn, q, k, v, mask) -> (B, T, nh*hd)` -> (logits, conv list, ssm list).
+        `hidden_out` collects each layer's output (`perch check --bisect`)."""
         c = self.config
         x = self.model.embed_tokens(input_ids) * c.embedding_multiplier
         cos = self.rope_cos[position_ids].unsqueeze(1).to(x.dtype)  # (B, 1, T, hd)
@@ -319,6 +321,8 @@ class FalconH1Core(nn.Module):
             x = x + layer.feed_forward(layer.pre_ff_layernorm(x))
             new_conv.append(cs)
             new_ssm.append(ss)
+            if hidden_out is not None:
+                hidden_out.append(x)
         logits = self.lm_head(self.model.final_layernorm(x)).float() * c.lm_head_multiplier
         return logits, new_conv, new_ssm
 

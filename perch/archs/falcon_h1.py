@@ -401,7 +401,8 @@ def io_spec(config, max_context: int, frontend: str = "past_present", state_dtyp
     kv = ("batch", nkv, "context" if frontend == "past_present" else max_context, hd)
     shapes = {"key": kv, "value": kv, "conv": ("batch", conv_dim(config), config.mamba_d_conv),
               "ssm": ("batch", config.mamba_n_heads, config.mamba_d_head, config.mamba_d_state)}
-    states = tuple(StateSpec(kind, shape, state_dtype, n, STATE_HOLDS[kind]) for kind, shape in shapes.items())
+    states = tuple(StateSpec(kind, shape, state_dtype, n, STATE_HOLDS[kind], cache_axis=2 if kind in ("key", "value")
+                             else None) for kind, shape in shapes.items())
     logits = (TensorSpec("logits", ("batch", "sequence", config.vocab_size), "float32"),)
     if frontend == "stateful":
         inputs = (TensorSpec("input_ids", ("batch", "sequence"), "int32"),

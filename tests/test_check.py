@@ -42,6 +42,11 @@ BROKEN = {
         "weight": (lambda c: EagerRuntime(perturbed(c), max_context=CTX), "prefill", 1),
         "state_write": (lambda c: DroppedStateWrite(c, max_context=CTX), "decode", 1),
     },
+    "falcon_h1": {
+        "position": (lambda c: ShiftedDecode(c, max_context=CTX), "decode", 0),
+        "weight": (lambda c: EagerRuntime(perturbed(c), max_context=CTX), "prefill", 1),
+        "state_write": (lambda c: DroppedStateWrite(c, max_context=CTX), "decode", 1),
+    },
 }
 CASES = [(arch, bug) for arch, bugs in BROKEN.items() for bug in bugs]
 

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, FalconConfig, FalconMambaConfig, LlamaConfig
+from transformers import AutoModelForCausalLM, FalconConfig, FalconH1Config, FalconMambaConfig, LlamaConfig
 
 from perch.archs import ARCH_MODULES, all_archs, describe_supported, detect_arch
 from perch.archs.falcon import falcon_layout, falcon_variant
@@ -18,6 +18,9 @@ from perch.errors import PerchError, UnsupportedModel
 from perch.loading.checkpoint import (build_hf_model, load_checkpoint, load_config, load_state_dict,
                            resolve_model_dir)
 from tests.tiny_models import FALCON, MAMBA, TINY, copy_model, edit_config, logits
+
+H1 = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+          mamba_d_ssm=64, mamba_n_heads=4, mamba_d_state=16)
 
 # ---------------------------------------------------------------- the registry
 def test_every_supported_arch_has_a_tiny_model():
@@ -71,6 +74,9 @@ def test_rotary_buffers_without_transformers_init():
     (FalconConfig(**FALCON, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}), "RoPE"),
     (FalconConfig(**FALCON, new_decoder_architecture=True, num_kv_heads=2, parallel_attn=False), "parallel_attn"),
     (FalconMambaConfig(**MAMBA, quantization_config={"quant_method": "gptq", "bits": 4}), "gptq"),
+    (FalconH1Config(**H1, time_step_limit=(0.0, 0.5)), "time_step_limit"),
+    (FalconH1Config(**H1, hidden_act="gelu"), "hidden_act"),
+    (FalconH1Config(**H1, rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}), "RoPE"),
 ])
 def test_unsupported_configs(config, needle):
     with pytest.raises(UnsupportedModel, match="^not supported:") as err:

@@ -74,7 +74,7 @@ def load_config(model_dir: str | Path):
     if not isinstance(raw, dict) or "model_type" not in raw:
         raise PerchError(f"{path} has no model_type: not a transformers config; re-save the model with save_pretrained")
     raw.pop("auto_map", None)  # the in-library class replaces any remote code it points to
-    raw = translate_config(raw)
+    raw = _decode_special_floats(translate_config(raw))
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if raw["model_type"] not in CONFIG_MAPPING:
@@ -85,6 +85,15 @@ def load_config(model_dir: str | Path):
         return CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
     except (TypeError, ValueError) as e:
         raise PerchError(f"{path}: invalid {raw['model_type']} config ({e}); fix or re-save config.json") from e
+
+
+def _decode_special_floats(raw: dict) -> dict:
+    """transformers 5 writes inf/nan as {"__float__": "Infinity"} (Falcon-H1's time_step_limit) and decodes
+    them only in its own file reader: do the same, or the config class rejects the field."""
+    from transformers import PretrainedConfig
+
+    decode = getattr(PretrainedConfig, "_decode_special_floats", None)
+    return decode(raw) if decode is not None else raw
 
 
 def _plain_config(config):
@@ -220,7 +229,20 @@ def _init_buffers(model, device: torch.device) -> None:
             p._is_hf_initialized = True
         model._init_weights(module)
         if any(torch.isnan(module._buffers[b]).any() for b in meta):
+            _init_from_ancestors(model, name)
+        if any(torch.isnan(module._buffers[b]).any() for b in meta):
             _rebuild_buffers(model, name, module, meta, device)
+
+
+def _init_from_ancestors(model, name: str) -> None:
+    # Some buffers are filled by an enclosing module's `_init_weights` (Falcon-H1's µP `mup_vector` by
+    # FalconH1Model, for every layer's mixer): offer each ancestor, its loaded weights flagged as done.
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        ancestor = model.get_submodule(".".join(parts[:depth]))
+        for p in ancestor.parameters():
+            p._is_hf_initialized = True
+        model._init_weights(ancestor)
 
 
 def _rebuild_buffers(model, name: str, module, buffers: list[str], device: torch.device) -> None:

@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from perch.archs import SUPPORTED, detect_arch
 from perch.loading.bnb import _dequantize_bnb
+from perch.loading.checks import check_state_dict
 from perch.errors import PerchError
 
 SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
@@ -143,9 +144,13 @@ def _weight_files(model_dir: Path, allow_pickle: bool) -> tuple[str, list[Path]]
 
 def _shards(index: Path) -> list[Path]:
     try:
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (OSError, ValueError, KeyError, AttributeError) as e:
-        raise PerchError(f"{index} is not a valid shard index ({e}); re-download it") from e
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        raise PerchError(f"{index} is not a valid shard index ({type(e).__name__}: {e}); it must be a JSON "
+                         'object {"weight_map": {tensor: shard file}}: re-download it') from e
+    if not names or not all(isinstance(n, str) for n in names):
+        raise PerchError(f"{index} names no shard files (weight_map {weight_map!r:.60}); re-download it")
     missing = [n for n in names if not (index.parent / n).is_file()]
     if missing:
         raise PerchError(f"{index.name} lists shards missing from {index.parent}: {missing}; finish the download")
@@ -303,6 +308,7 @@ def load_checkpoint(model: str | Path, *, allow_pickle: bool = False, adapter: s
         from perch.loading.lora import merge_adapter  # lora builds on this module's readers
 
         state_dict = merge_adapter(state_dict, adapter_dir, config, allow_pickle=allow_pickle)
+    check_state_dict(config, state_dict, where=f"the checkpoint in {model_dir}")
     source = {"model": str(model), "path": str(model_dir), **info,
               "adapter": str(adapter_dir) if adapter_dir else None,
               "dtype": str(dtype).removeprefix("torch.") if dtype is not None else "stored"}

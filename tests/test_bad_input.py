@@ -239,8 +239,12 @@ def snapshot(root: Path) -> dict[str, tuple]:
     """Every path under `root` with its size and mtime: "nothing changed on disk" means equal snapshots."""
     out = {}
     for p in sorted(root.rglob("*")):
+        if p.is_relative_to(root / "home" / ".cache"):
+            continue  # libraries' own caches (onnxruntime, ...) created on first use under $HOME
+
         st = p.lstat()
-        out[str(p.relative_to(root))] = (p.is_dir(), st.st_size if not p.is_dir() else 0, st.st_mtime_ns)
+        # A directory is its entries (listed here too); a file, its size and modification time.
+        out[str(p.relative_to(root))] = (True, 0, 0) if p.is_dir() else (False, st.st_size, st.st_mtime_ns)
     return out
 
 

@@ -47,6 +47,9 @@ def _unsupported(what: str) -> UnsupportedModel:
     )
 
 
+unsupported = _unsupported  # the name the architecture modules use
+
+
 def detect_arch(config) -> str:
     """The Perch architecture name for a transformers config, or UnsupportedModel ("not supported: ...")."""
     model_type = getattr(config, "model_type", None)
@@ -61,8 +64,7 @@ def detect_arch(config) -> str:
         raise _unsupported(f"{', '.join(architectures)}: Perch exports causal language models ({', '.join(heads)})")
     _check_quantization(config)
     _check_rope(config)
-    if arch == "falcon":
-        falcon_layout(config)  # raises for the Falcon variants we cannot export
+    arch_module(arch).check_config(config)  # every field and value the architecture does not implement
     return arch
 
 

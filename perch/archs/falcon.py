@@ -275,3 +275,34 @@ def build(config, state_dict: dict[str, torch.Tensor], max_context: int, **_opti
 
 # The names every architecture module exposes (see perch/archs/__init__.py).
 PastPresent, Stateful = FalconPastPresent, FalconStateful
+
+
+# ---- what this module implements, checked before anything is loaded
+# config.json must state these: transformers would otherwise fill in Falcon-7B's sizes (4544, 71, 32).
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers")
+ACTIVATIONS = ("gelu",)  # FalconMLP applies exact (erf) gelu, as transformers' "gelu"
+
+
+def check_config(config) -> None:
+    """Refuse every Falcon setting this module does not implement, naming the field, the value and the fix."""
+    from perch.archs import falcon_layout, unsupported
+
+    act = getattr(config, "activation", "gelu")
+    if act not in ACTIVATIONS:
+        raise unsupported(f"activation={act!r}: this Falcon exporter implements activation='gelu' only "
+                          "(exporting another would give wrong numbers)")
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise unsupported(f"{key}={value!r}: config.json needs a positive whole number for {key}")
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    if hidden % heads:
+        raise unsupported(f"hidden_size={hidden} with num_attention_heads={heads}: hidden_size must be divisible "
+                          "by num_attention_heads; fix config.json to the values the weights were trained with")
+    if (hidden // heads) % 2:
+        raise unsupported(f"head size {hidden // heads} (hidden_size / num_attention_heads) is odd: rotary "
+                          "embeddings rotate pairs of channels; use an even head size")
+    ffn = getattr(config, "ffn_hidden_size", None)
+    if ffn is not None and (not isinstance(ffn, int) or ffn < 1):
+        raise unsupported(f"ffn_hidden_size={ffn!r}: config.json needs a positive whole number")
+    falcon_layout(config)  # variants: ALiBi, combinations transformers cannot run, K,V groups

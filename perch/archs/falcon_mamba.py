@@ -234,3 +234,23 @@ def build(config, state_dict: dict[str, torch.Tensor], max_context: int, scan: s
 
 # The names every architecture module exposes (see perch/archs/__init__.py).
 PastPresent, Stateful = FalconMambaPastPresent, FalconMambaStateful
+
+
+# ---- what this module implements, checked before anything is loaded
+# config.json must state these: transformers would otherwise fill in its defaults, which describe other weights.
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers")
+
+
+def check_config(config) -> None:
+    """Refuse every Falcon-Mamba setting this module does not implement, naming the field, the value and the fix."""
+    from perch.archs import unsupported
+
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":  # the mixer gates and convolves with silu
+        raise unsupported(f"hidden_act={act!r}: this Falcon-Mamba exporter implements hidden_act='silu' only "
+                          "(exporting another would give wrong numbers)")
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size", "state_size", "conv_kernel", "time_step_rank",
+                "intermediate_size"):
+        value = getattr(config, key, None)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise unsupported(f"{key}={value!r}: config.json needs a positive whole number for {key}")

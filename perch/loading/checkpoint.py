@@ -84,6 +84,7 @@ def load_config(model_dir: str | Path):
     raw.pop("auto_map", None)  # the in-library class replaces any remote code it points to
     if raw["model_type"] in ("RefinedWebModel", "RefinedWeb"):
         raw = _translate_legacy_falcon(raw)
+    _check_required(path, raw)
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if raw["model_type"] not in CONFIG_MAPPING:
@@ -93,6 +94,21 @@ def load_config(model_dir: str | Path):
         return CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
     except (TypeError, ValueError) as e:
         raise PerchError(f"{path}: invalid {raw['model_type']} config ({e}); fix or re-save config.json") from e
+
+
+def _check_required(path: Path, raw: dict) -> None:
+    """Fields that size the weights must be in config.json itself, never transformers' defaults."""
+    entry = _arch_entry(SimpleNamespace(model_type=raw["model_type"]))
+    if entry is None:
+        return
+    from perch.archs import arch_module
+
+    arch = next(a for a, e in SUPPORTED.items() if e is entry)
+    missing = [k for k in arch_module(arch).REQUIRED_FIELDS if k not in raw]
+    if missing:
+        raise PerchError(f"{path} has no {', '.join(missing)}: transformers would fill in its defaults, which do "
+                         "not describe these weights; add them to config.json with the values the model was "
+                         "trained with")
 
 
 def _translate_legacy_falcon(raw: dict) -> dict:

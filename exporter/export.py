@@ -111,7 +111,7 @@ def describe_quantization(q: dict) -> str:
     """One line for the CLI: how many weight matrices were quantized, and why the others were not."""
     method = q.get("method", "none")
     if method in (None, "none"):
-        return "quantize=none"
+        return "none"
     if "quantized" in q:  # ONNX: names done, name -> reason kept
         kept = {k: v for k, v in (q.get("not_quantized") or {}).items() if k != "1-D tensors"}
         done, reasons = len(q["quantized"]), {}
@@ -121,10 +121,10 @@ def describe_quantization(q: dict) -> str:
         done = int((q.get("compressed") or {}).get("tensors", 0))
         reasons = {why: int(e.get("tensors", 0)) for why, e in (q.get("left_alone") or {}).items()
                    if "norm" not in why}
-    total = done + sum(reasons.values())
-    line = f"quantize={method}: {done} of {total} weight matrices"
-    if reasons:
-        line += "; kept in float: " + "; ".join(f"{n} ({why})" for why, n in reasons.items())
+    kept = sum(reasons.values())
+    line = f"{method}: {done} of {done + kept} weight matrices quantized"
+    if kept:
+        line += f"; {kept} kept in float: " + "; ".join(f"{n} because {why}" for why, n in reasons.items())
     return line
 
 

@@ -31,8 +31,10 @@ def cmd_export(a: argparse.Namespace) -> int:
                          block_size=a.block_size, max_context=a.max_context,
                          variant="inplace" if a.optimize else "default", multifunction=a.multifunction)
     m = export(a.model, a.out, opts, adapter=a.adapter, allow_pickle=a.allow_pickle, overwrite=a.overwrite)
-    print(f"wrote {a.out}/{m.model_file}: {m.arch}, {m.format} {m.dtype}, {describe_quantization(m.quantization)}, "
+    print(f"wrote {a.out}/{m.model_file}: {m.arch}, {m.format} {m.dtype}, quantize={m.quantization.get('method')}, "
           f"max context {m.max_context}")
+    if m.quantization.get("method", "none") != "none":  # say what was not quantized, and why
+        print(f"quantization: {describe_quantization(m.quantization)}")
     if not m.tokenizer_files:
         print(f"warning: {a.model} has no tokenizer files, so none was shipped; the artifact takes token ids "
               "(copy the tokenizer into it for `perch generate`)", file=sys.stderr)

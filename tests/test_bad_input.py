@@ -340,3 +340,16 @@ def test_concurrent_exports_to_one_out_the_second_fails_fast(tmp_path, capsys):
     stdout, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr
     assert (out / "manifest.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_partial_int4_export_says_how_much_was_quantized_and_why(tmp_path, capsys):
+    """hidden 64 < a 128-wide block: most matrices stay float, and the CLI must say so, not just "int4"."""
+    out = tmp_path / "q"
+    assert main(["export", "falcon-tiny", "--to", "onnx", "--quantize", "int4", "--block-size", "128",
+                 "--out", str(out)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("quantization:"))
+    q = json.loads((out / "manifest.json").read_text())["quantization"]
+    done = len(q["quantized"])
+    kept = len([k for k in q["not_quantized"] if k != "1-D tensors"])
+    assert 0 < kept and f"{done} of {done + kept} weight matrices quantized; {kept} kept in float" in line
+    assert "smaller than one 128-wide block" in line

@@ -282,15 +282,6 @@ def test_bad_input_exits_2_names_problem_and_fix_and_touches_nothing(tmp_path, m
 
 
 # ---------------------------------------------------------------- the destination under stress
-def test_overwrite_replaces_only_a_perch_artifact(tmp_path, artifact):
-    out = tmp_path / "out"
-    shutil.copytree(artifact, out)
-    (out / "stale.txt").write_text("from the old export")
-    assert main(["export", "falcon-tiny", "--to", "onnx", "--out", str(out), "--overwrite"]) == 0
-    assert (out / "manifest.json").is_file() and not (out / "stale.txt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no partial, no old copy, no lock
-
-
 def _perch(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "perch.cli", *args], cwd=ROOT, env=env,

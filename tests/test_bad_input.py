@@ -188,6 +188,9 @@ CASES = [
      ["must be at least 1"]),
     ("generate_bad_temperature", lambda t, a: ["generate", "falcon-tiny", "--prompt", "x", "--temperature", "-1"],
      ["temperature >= 0"]),
+    ("generate_nan_weights", lambda t, a: ["generate", str(tensors(t, lambda sd: sd.update(
+        {first_key(sd, "ln_f.weight"): torch.full_like(sd[first_key(sd, "ln_f.weight")], float("inf"))}))),
+        "--prompt", "x"], ["NaN or infinite", "healthy checkpoint"]),
     ("generate_no_model", lambda t, a: ["generate", str(t / "nope"), "--prompt", "x"], ["not found"]),
     # ---- check, and tampered manifests
     ("check_not_artifact", lambda t, a: ["check", str(write(t / "d" / "x", "").parent)],

@@ -171,7 +171,7 @@ CASES = [
      ["not found", "local model directory"]),
     # ---- export options
     ("max_context_over_model", lambda t, a: export_args("falcon-tiny", t / "o", "--max-context", "100000"),
-     ["max_position_embeddings", "--max-context 512"]),
+     ["max_position_embeddings", "choose at most 512"]),
     ("max_context_zero", lambda t, a: export_args("falcon-tiny", t / "o", "--max-context", "0"), ["at least 1"]),
     ("max_context_text", lambda t, a: export_args("falcon-tiny", t / "o", "--max-context", "lots"),
      ["not a whole number", "at least 1"]),
@@ -179,7 +179,7 @@ CASES = [
      ["--block-size 7", "choose"]),
     ("palettize_onnx", lambda t, a: export_args("falcon-tiny", t / "o", "--quantize", "palettize4"),
      ["not available for onnx", "choose one of"]),
-    ("multifunction_onnx", lambda t, a: export_args("falcon-tiny", t / "o", "--multifunction"), ["Core ML"]),
+    ("multifunction_onnx", lambda t, a: export_args("falcon-tiny", t / "o", "--multifunction"), ["--multifunction", "--to coreml"]),
     ("export_no_out", lambda t, a: ["export", "falcon-tiny", "--to", "onnx"], ["--out", "--help"]),
     # ---- generate
     ("generate_negative_tokens", lambda t, a: ["generate", "falcon-tiny", "--prompt", "x", "--max-new-tokens", "-5"],

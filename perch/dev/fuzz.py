@@ -123,7 +123,8 @@ PROMPTS = ("def main():\n    return", "The quick brown fox")  # short: fits a 64
 def run_case(case: Case, root: Path, backends: tuple[str, ...] = ("onnx", "coreml"), seed: int = 0) -> Case:
     """Export `case` to each backend and check it. Fills `case.results[backend]` with one of
     "passed", "check failed: ...", "refused: ..." and "error: ..."."""
-    from perch.exporter.export import ExportOptions, export
+    from perch.exporter.export import export
+    from perch.exporter.options import options_for
     from perch.validate.runner import check_artifact
 
     model_dir = write_checkpoint(case, root / "model", seed)
@@ -132,7 +133,7 @@ def run_case(case: Case, root: Path, backends: tuple[str, ...] = ("onnx", "corem
     for backend in backends:
         out = root / backend
         try:
-            export(model_dir, out, ExportOptions(to=backend))
+            export(model_dir, out, options_for(backend))
         except PerchError as e:
             case.results[backend] = f"refused: {e}"
             continue

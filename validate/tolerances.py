@@ -143,6 +143,27 @@ def tolerance_for(manifest, reference_dtype: str = "float32") -> Tolerances:
     return loosest(art, tolerance_for_precision(ref_key, manifest.arch)) if ref_key != "fp32" else art
 
 
+def kl_floor(ref_logits, tol: Tolerances):
+    """Per-step KL (rows of `ref_logits`) that rounding noise within the rel_l2 limit produces: a KL limit
+    below it would fail a correct export just for having sharp logits.
+
+    Why: for a small logit error d, KL ~ Var_p(d) / 2 (second order). Rounding noise scales with the logits,
+    ||d|| = rel_l2 * ||z||, so a noise-like d has per-entry RMS rel_l2 * rms(z) and KL ~ (rel_l2 * rms(z))^2 / 2:
+    quadratic in the logits' scale while rel_l2 is scale-free. (A correct Core ML export with 8x sharper logits
+    kept rel_l2 at 2.2e-4 but reached max KL 1.3e-6 > 1e-6.) Only for precisions whose error is rounding
+    (max_abs is checked); quantized limits are measured KLs of real weight error and stay as they are.
+    Broken exports fail rel_l2 itself (0.2+), so this floor never lets one pass.
+    """
+    import numpy as np
+
+    r = np.asarray(ref_logits, dtype=np.float64)
+    r = r.reshape(-1, r.shape[-1])
+    if tol.max_abs is None or tol.rel_l2 is None:
+        return np.zeros(len(r))
+    rms = np.sqrt((r**2).mean(axis=-1))
+    return 0.5 * (tol.rel_l2 * rms) ** 2
+
+
 def loosest(a: Tolerances, b: Tolerances) -> Tolerances:
     """Each limit from whichever of `a`, `b` allows more (None, unchecked, wins)."""
     lower_is_stricter = {"min_cosine", "min_top1", "min_top5", "min_greedy_match", "min_decode_speed_ratio"}

@@ -18,7 +18,7 @@ import numpy as np
 from perch.validate import metrics
 from perch.validate.render import write_report
 from perch.validate.report import CheckReport, Failure, PromptResult
-from perch.validate.tolerances import Tolerances, kl_floor
+from perch.validate.tolerances import Tolerances, kl_floor, max_abs_floor
 
 # per-step metric -> (row function, True if the limit is an upper bound), in report order
 STEP_METRICS = {
@@ -96,8 +96,8 @@ def _step_failures(pr: PromptResult, tol: Tolerances) -> list[Failure]:
         if limit is None:
             continue
         values = np.asarray(pr.steps[name])
-        if name == "kl" and "kl_floor" in pr.steps:
-            limit = np.maximum(limit, np.asarray(pr.steps["kl_floor"]))
+        if f"{name}_floor" in pr.steps:
+            limit = np.maximum(limit, np.asarray(pr.steps[f"{name}_floor"]))
         bad = _outside(values, limit, upper)
         if bad.any():
             first = int(np.argmax(bad))
@@ -157,7 +157,8 @@ def _check_prompt(art, ref, index: int, ids: np.ndarray, text: str | None, n: in
     state = metrics.state_divergence(ref.state(), art.state())
     steps = {name: fn(r, a).tolist() for name, (fn, _) in STEP_METRICS.items()}
     steps["top1"], steps["top5"] = metrics.row_top1(r, a).tolist(), metrics.row_topk(r, a, 5).tolist()
-    steps["kl_floor"] = kl_floor(r, tol).tolist()  # the KL limit never sits below what rounding noise gives
+    # The scale-bound limits never sit below what rounding noise within the rel_l2 limit gives.
+    steps["kl_floor"], steps["max_abs_floor"] = kl_floor(r, tol).tolist(), max_abs_floor(r, tol).tolist()
     # Up to the first argmax disagreement the free run equals the teacher-forced one; run it only after.
     agree = metrics.greedy_match_length(ref_tokens, [int(x) for x in a[len(ids) - 1 : -1].argmax(-1)])
     art_tokens = ref_tokens if agree == n else _free_run(art, ids, n)

@@ -164,6 +164,19 @@ def kl_floor(ref_logits, tol: Tolerances):
     return 0.5 * (tol.rel_l2 * rms) ** 2
 
 
+def max_abs_floor(ref_logits, tol: Tolerances):
+    """Per-step max |logit error| that rounding noise within the rel_l2 limit reaches: its per-entry RMS is
+    rel_l2 * rms(z), and the largest of V such entries sits near sqrt(2 ln V) RMS. Like the KL floor, it
+    keeps a scale-bound limit from failing a correct export of a sharp-logit model; rel_l2 still binds."""
+    import numpy as np
+
+    r = np.asarray(ref_logits, dtype=np.float64)
+    r = r.reshape(-1, r.shape[-1])
+    if tol.max_abs is None or tol.rel_l2 is None:
+        return np.zeros(len(r))
+    return tol.rel_l2 * np.sqrt((r**2).mean(axis=-1)) * np.sqrt(2 * np.log(r.shape[-1]))
+
+
 def loosest(a: Tolerances, b: Tolerances) -> Tolerances:
     """Each limit from whichever of `a`, `b` allows more (None, unchecked, wins)."""
     lower_is_stricter = {"min_cosine", "min_top1", "min_top5", "min_greedy_match", "min_decode_speed_ratio"}

@@ -133,7 +133,8 @@ def build_graph(ckpt, max_context: int, dtype: torch.dtype, frontend: str = "pas
     model.ir_version = IR_VERSION
     model.producer_name, model.producer_version = "perch", _perch_version()
     variant = "inplace" if frontend == "inplace" else "default"
-    model.metadata_props.update({"perch.arch": ckpt.arch, "perch.variant": variant})
+    # The graph's own record of its context (rotary tables, buffers): a runtime compares the manifest with it.
+    model.metadata_props.update({"perch.arch": ckpt.arch, "perch.variant": variant, "perch.max_context": str(max_context)})
     return model, io
 
 
@@ -271,18 +272,19 @@ def quantize_artifact(src: str | Path, out: str | Path, method: str, block_size:
 
     The float weights stream from `src`'s files (external data is memory-mapped), one tensor at a time.
     """
-    from perch.exporter.export import check_output, copy_side_files, staged_output
+    from perch.exporter.export import copy_side_files
+    from perch.staging import check_destination, staged_dir
 
     src, out = Path(src), Path(out)
     manifest = Manifest.load(src)
     if manifest.format != "onnx" or manifest.quantization.get("method", "none") != "none":
         raise PerchError(f"{src}: quantize_artifact needs an unquantized ONNX export (this one is "
                          f"{manifest.format}, quantization {manifest.quantization.get('method')})")
-    check_output(out)
+    check_destination(out)
     model = ir.load(src / manifest.model_file)
     embedding = PREFIX + arch_module(manifest.arch).EMBEDDING
     quant = onnx_quant.quantize(model, method, block_size, embedding=embedding)
-    with staged_output(out) as tmp:
+    with staged_dir(out) as tmp:
         profile = clients.client(manifest.profile, "onnx")  # keep the source's client layout
         saved = save_model(model, tmp, subfolder=profile.onnx_subfolder, data_file=profile.data_file)
         copy_side_files(src, tmp)

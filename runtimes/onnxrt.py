@@ -141,6 +141,14 @@ def split_fused_kv(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def check_context(session, manifest: Manifest) -> None:
+    """The manifest's max_context must be the one the graph was built for (its rotary tables end there)."""
+    built = session.get_modelmeta().custom_metadata_map.get("perch.max_context")
+    if built is not None and int(built) != int(manifest.max_context):
+        raise PerchError(f"manifest.json says max_context {manifest.max_context}, but the model was exported for "
+                         f"{built}: the manifest was edited or mixed up; re-export with --max-context")
+
+
 def open_session(path: Path, providers: list, threads: int | None = None):
     ort = _ort()
     opts = ort.SessionOptions()
@@ -171,6 +179,7 @@ class OnnxRuntime(Runtime):
         self.device, self.device_id = parse_device(device)
         self.session = open_session(check_files(self.path, self.manifest), providers_for(device), threads)
         check_graph(self.session, self.manifest)
+        check_context(self.session, self.manifest)
         self.input_names = self.manifest.names("input")
         self.past_names = list(self.manifest.names("past").items())  # [(canonical "key.0", graph name)]
         self.present_names = list(self.manifest.names("present").items())

@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from perch.runtimes.pytorch.eager import EagerRuntime
 from perch.errors import PerchError

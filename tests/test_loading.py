@@ -164,11 +164,17 @@ def test_bad_files_give_perch_errors(saved, tmp_path):
 def test_config_weights_mismatch(saved, tmp_path):
     path = copy_model(saved["falcon_multi_query"][1], tmp_path / "m")
     edit_config(path, num_hidden_layers=3, num_attention_heads=8)
-    ckpt = load_checkpoint(path)
-    with pytest.raises(PerchError, match="does not match the weights") as err:
-        build_hf_model(ckpt.config, ckpt.state_dict)
+    with pytest.raises(PerchError, match="does not match its config.json") as err:
+        load_checkpoint(path)  # checked on load, before any backend or transformers model is built
     assert "missing from the weights: transformer.h.2." in str(err.value)
-    assert "query_key_value.weight: weights (96, 64) vs config (80, 64)" in str(err.value)
+    assert "query_key_value.weight is (96, 64), the config needs (80, 64)" in str(err.value)
+    state_dict = load_checkpoint(saved["falcon_multi_query"][1]).state_dict
+    with pytest.raises(PerchError, match="does not match the weights"):  # build_hf_model's own check
+        build_hf_model(ckpt_config(path), state_dict)
+
+
+def ckpt_config(path):
+    return load_config(path)
 
 
 def test_hub_id_from_local_cache(saved, tmp_path, monkeypatch):

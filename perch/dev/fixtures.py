@@ -13,9 +13,6 @@ import functools
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +34,7 @@ from transformers import (
 from transformers.activations import ACT2FN
 
 from perch.errors import PerchError
+from perch.staging import build_once
 from perch.dev.presets import cache_root
 from perch.dev.tokenizer import (
     EOS_ID,
@@ -383,26 +381,10 @@ def train_fixture(arch: str, out_dir: str | Path, *, steps: int | None = None, s
 def fixture_dir(arch: str, *, steps: int | None = None, seed: int = 0) -> Path:
     """The directory of a cached trained fixture for `arch`, training it first if missing.
 
-    Trains into a temp dir beside the cache entry and renames it into place when complete, under
-    a file lock, so concurrent pytest workers train once and never see half a fixture.
+    Trains through perch.staging.build_once: under a waiting lock, into a temp dir renamed into place
+    when complete, so concurrent pytest workers train once and never see half a fixture.
     """
-    from filelock import FileLock  # a huggingface_hub dependency; cross-platform
-
     key = fixture_key(arch, steps=steps, seed=seed)
-    root = cache_root() / "fixtures"
-    final = root / f"{arch}-{key}"
-    if (final / "fixture.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f"{arch}-{key}.lock")):
-        if (final / "fixture.json").is_file():  # another worker finished while we waited
-            return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".{arch}-{key}-", dir=root))
-        try:
-            train_fixture(arch, tmp, steps=steps, seed=seed)
-            if final.exists():  # a stale, incomplete entry left by hand: replace it
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    final = cache_root() / "fixtures" / f"{arch}-{key}"
+    return build_once(final, lambda tmp: train_fixture(arch, tmp, steps=steps, seed=seed),
+                      lambda d: (d / "fixture.json").is_file())

@@ -9,12 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from perch.errors import PerchError
+from perch.staging import build_once
 
 TINY_VOCAB = 512  # the offline BPE tokenizer's size for tiny presets
 
@@ -120,24 +119,11 @@ def get(name: str) -> Preset:
 
 
 def preset_dir(name: str, seed: int = 0) -> Path:
-    """The preset's checkpoint directory, written once (atomically) into the cache."""
+    """The preset's checkpoint directory, written once into the cache (perch.staging: locked, atomic)."""
     p = get(name)
     key = hashlib.sha256(json.dumps([p.config, p.tokenizer_vocab, p.dtype, seed], sort_keys=True).encode()).hexdigest()[:10]
     final = cache_root() / "presets" / f"{name}-{key}"
-    if (final / "config.json").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
-    try:
-        write_preset(name, tmp, seed)
-        try:
-            tmp.rename(final)
-        except OSError:  # another process finished first; theirs is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    return build_once(final, lambda tmp: write_preset(name, tmp, seed), lambda d: (d / "config.json").is_file())
 
 
 def write_preset(name: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:

@@ -18,6 +18,7 @@ import torch
 
 from perch.archs import arch_for_model_type, detect_arch, translate_config, unsupported
 from perch.loading.bnb import _dequantize_bnb
+from perch.loading.checks import check_state_dict
 from perch.loading.files import arch_entry, read_json, read_tensor_file
 from perch.loading.lora import merge_adapter
 from perch.errors import PerchError
@@ -75,6 +76,7 @@ def load_config(model_dir: str | Path):
         raise PerchError(f"{path} has no model_type: not a transformers config; re-save the model with save_pretrained")
     raw.pop("auto_map", None)  # the in-library class replaces any remote code it points to
     raw = _decode_special_floats(translate_config(raw))
+    _check_required(path, raw)
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if raw["model_type"] not in CONFIG_MAPPING:
@@ -94,6 +96,16 @@ def _decode_special_floats(raw: dict) -> dict:
 
     decode = getattr(PretrainedConfig, "_decode_special_floats", None)
     return decode(raw) if decode is not None else raw
+
+
+def _check_required(path: Path, raw: dict) -> None:
+    """Fields that size the weights must be in config.json itself, never transformers' defaults."""
+    mod = arch_for_model_type(raw["model_type"])
+    missing = [k for k in getattr(mod, "REQUIRED_FIELDS", ()) if k not in raw]
+    if missing:
+        raise PerchError(f"{path} has no {', '.join(missing)}: transformers would fill in its defaults, which do "
+                         "not describe these weights; add them to config.json with the values the model was "
+                         "trained with")
 
 
 def _plain_config(config):
@@ -127,9 +139,13 @@ def _weight_files(model_dir: Path, allow_pickle: bool) -> tuple[str, list[Path]]
 
 def _shards(index: Path) -> list[Path]:
     try:
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (OSError, ValueError, KeyError, AttributeError) as e:
-        raise PerchError(f"{index} is not a valid shard index ({e}); re-download it") from e
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        raise PerchError(f"{index} is not a valid shard index ({type(e).__name__}: {e}); it must be a JSON "
+                         'object {"weight_map": {tensor: shard file}}: re-download it') from e
+    if not names or not all(isinstance(n, str) for n in names):
+        raise PerchError(f"{index} names no shard files (weight_map {weight_map!r:.60}); re-download it")
     missing = [n for n in names if not (index.parent / n).is_file()]
     if missing:
         raise PerchError(f"{index.name} lists shards missing from {index.parent}: {missing}; finish the download")
@@ -284,6 +300,7 @@ def load_checkpoint(model: str | Path, *, allow_pickle: bool = False, adapter: s
     adapter_dir = resolve_model_dir(adapter) if adapter is not None else None
     if adapter_dir is not None:
         state_dict = merge_adapter(state_dict, adapter_dir, config, allow_pickle=allow_pickle)
+    check_state_dict(config, state_dict, where=f"the checkpoint in {model_dir}")
     source = {"model": str(model), "path": str(model_dir), **info,
               "adapter": str(adapter_dir) if adapter_dir else None,
               "dtype": str(dtype).removeprefix("torch.") if dtype is not None else "stored"}

@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx_ir as ir
 import torch
 
-from perch.exporter import onnx_quant
+from perch.exporter import onnx_quant, onnx_tie
 from perch.archs import arch_module
 from perch.archs import SUPPORTED
 from perch.errors import PerchError
@@ -55,6 +55,8 @@ def export(ckpt, out_dir: str | Path, options) -> Manifest:
     if options.quantize != "none":
         embedding = SUPPORTED[ckpt.arch]["embedding"]
         quant = onnx_quant.quantize(model, options.quantize, options.block_size, embedding=PREFIX + embedding)
+        if onnx_tie.is_tied(ckpt.state_dict, embedding) and (note := onnx_tie.share_tied_table(model, PREFIX, embedding)):
+            quant["tied_table"] = note
     saved = save_model(model, out_dir)
     if options.quantize != "none":
         quant["size_bytes"] = saved["bytes"]

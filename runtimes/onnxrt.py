@@ -20,6 +20,7 @@ import numpy as np
 from perch.errors import PerchError
 from perch.spec import Manifest, ModelIO
 from perch.runtimes.base import Runtime, model_inputs
+from perch.runtimes.onnx_session import DEFAULT_WORKLOAD, apply as apply_workload
 
 ORT_TYPES = {"tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(float)": "float32",
              "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16"}
@@ -129,10 +130,11 @@ def check_files(directory: Path, manifest: Manifest) -> Path:
     return path
 
 
-def open_session(path: Path, providers: list, threads: int | None = None):
+def open_session(path: Path, providers: list, threads: int | None = None, workload: str = DEFAULT_WORKLOAD):
     ort = _ort()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: ORT warns about harmless unused initializers
+    apply_workload(opts, workload)
     if threads:
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     try:
@@ -143,11 +145,13 @@ def open_session(path: Path, providers: list, threads: int | None = None):
 
 
 class OnnxRuntime(Runtime):
-    """An ONNX export behind the step API. `device`: "cpu", "cuda" or "cuda:N"; `threads`: ORT intra-op threads."""
+    """An ONNX export behind the step API. `device`: "cpu", "cuda" or "cuda:N"; `threads`: ORT intra-op threads;
+    `workload`: session options (runtimes/onnx_session.py)."""
 
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, *, device: str = "cpu", threads: int | None = None):
+    def __init__(self, path: str | Path, *, device: str = "cpu", threads: int | None = None,
+                 workload: str = DEFAULT_WORKLOAD):
         self.path = Path(path)
         self.manifest = Manifest.load(self.path)
         if self.manifest.format != "onnx":
@@ -156,7 +160,7 @@ class OnnxRuntime(Runtime):
         self.vocab_size = int(self.manifest.hf_config["vocab_size"])
         self.max_context = int(self.manifest.max_context)
         self.device, self.device_id = parse_device(device)
-        self.session = open_session(check_files(self.path, self.manifest), providers_for(device), threads)
+        self.session = open_session(check_files(self.path, self.manifest), providers_for(device), threads, workload)
         check_graph(self.session, self.manifest)
         self.past_names = state_names(self.io, "onnx_input")
         self.present_names = state_names(self.io, "onnx_output")

@@ -63,7 +63,7 @@ def prepare(row: str, preset: str, model_dir: Path, peers: Path, args) -> dict:
         return {"engine": "perch", "path": out, "python": sys.executable}
     if row in LLAMA:
         path = pb.gguf(peers, model_dir, art / "gguf", LLAMA[row])
-        lib = pb.llama_build(peers)
+        lib = pb.llama_library(peers)
         return {"engine": "llama.cpp", "path": path, "python": sys.executable,
                 "flags": ["--lib-dir", lib, "--binding-dir", pb.llama_source(peers)]}
     if row in OPENVINO:

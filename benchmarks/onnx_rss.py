@@ -83,15 +83,19 @@ def profile(path: str, threads: int, prompt: int) -> dict:
     runs = [e for e in events if e.get("name") == "model_run"]
     last_start = runs[-1]["ts"]  # the last decode step
     ops: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
+    nodes = []
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= last_start:
             op = e.get("args", {}).get("op_name", "?")
             ops[op][0] += 1
             ops[op][1] += e["dur"] / 1e3
+            shapes = [list(d.values())[0] for d in e.get("args", {}).get("output_type_shape", [])]
+            nodes.append((e["dur"] / 1e3, op, e["name"].removesuffix("_kernel_time"), shapes))
     ordered = sorted(ops.items(), key=lambda kv: -kv[1][1])
     return {"decode_step_ms": round(runs[-1]["dur"] / 1e3, 2), "nodes": sum(v[0] for v in ops.values()),
             "kernel_ms": round(sum(v[1] for v in ops.values()), 2),
-            "by_op": {k: {"count": v[0], "ms": round(v[1], 3)} for k, v in ordered}}
+            "by_op": {k: {"count": v[0], "ms": round(v[1], 3)} for k, v in ordered},
+            "slowest": [{"ms": round(d, 3), "op": o, "node": n, "out": s} for d, o, n, s in sorted(nodes)[::-1][:12]]}
 
 
 def child(args) -> dict:
@@ -132,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"decode step {p['decode_step_ms']} ms, {p['nodes']} kernels, {p['kernel_ms']} ms in kernels")
         for op, v in list(p["by_op"].items())[:15]:
             print(f"  {op:<28} {v['count']:>5} {v['ms']:>9.3f} ms")
+        print("slowest nodes:")
+        for n in p["slowest"]:
+            print(f"  {n['ms']:>8.3f} ms  {n['op']:<14} {n['node'][:60]:<60} {n['out']}")
     return 0
 
 

@@ -134,7 +134,7 @@ def gguf(peers: Path, model_dir: Path, out_dir: Path, kind: str) -> Path:
     out = out_dir / f"model-{kind}.gguf"
     if out.is_file():
         return out
-    bin_dir = llama_build(peers)
+    bin_dir = llama_library(peers)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = out_dir / "gguf.log"
     if kind == "f32":
@@ -145,9 +145,16 @@ def gguf(peers: Path, model_dir: Path, out_dir: Path, kind: str) -> Path:
             log=log, env=env)
         return out
     f32 = gguf(peers, model_dir, out_dir, "f32")
-    qtype, pure = kind.split("-")[0], kind.endswith("-pure")
-    run([bin_dir / "llama-quantize", *(["--pure"] if pure else []), f32, out, qtype, "1"], log=log)
+    # llama_model_quantize from libllama: what llama-quantize runs, without waiting for the tools to build.
+    run([sys.executable, Path(__file__).with_name("peer_engines.py"), "--engine", "llama.cpp", "--path", f32,
+         "--quantize-to", out, "--kind", kind, "--lib-dir", bin_dir, "--binding-dir", llama_source(peers)], log=log)
     return out
+
+
+def llama_library(peers: Path) -> Path:
+    """The directory holding libllama.so: all the timed rows need (the tools come with the full build)."""
+    bin_dir = peers / "llama.cpp-build" / "bin"
+    return bin_dir if (bin_dir / "libllama.so").is_file() else llama_build(peers)
 
 
 # ---------------------------------------------------------------- Python peers in their own venvs

@@ -85,6 +85,29 @@ class PerchEngine:
         return self.rt.step(np.array([tok]))[0]
 
 
+def llama_binding(lib_dir: str, binding_dir: str):
+    """llama-cpp-python's ctypes module over our libllama.so (the package __init__ wants extra deps: skipped)."""
+    os.environ["LLAMA_CPP_LIB_PATH"] = lib_dir
+    pkg = types.ModuleType("llama_cpp")
+    pkg.__path__ = [str(Path(binding_dir) / "llama_cpp")]
+    sys.modules["llama_cpp"] = pkg
+    import llama_cpp.llama_cpp as ll
+
+    return ll
+
+
+def llama_quantize(src: str, dst: str, kind: str, lib_dir: str, binding_dir: str) -> None:
+    """What `llama-quantize [--pure] SRC DST TYPE` does, through the library: kind Q8_0, Q4_0 or Q4_0-pure."""
+    import ctypes
+
+    ll = llama_binding(lib_dir, binding_dir)
+    params = ll.llama_model_quantize_default_params()
+    params.ftype = {"Q8_0": ll.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": ll.LLAMA_FTYPE_MOSTLY_Q4_0}[kind.split("-")[0]]
+    params.pure, params.nthread = kind.endswith("-pure"), 1
+    if ll.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)) != 0:
+        raise SystemExit(f"llama_model_quantize failed for {src} -> {kind}")
+
+
 class LlamaCppEngine:
     """llama.cpp through llama-cpp-python's ctypes binding (pure Python, from the same source package),
     loading the libllama.so this benchmark built: decode and prefill are `llama_decode` calls."""
@@ -92,14 +115,9 @@ class LlamaCppEngine:
     def __init__(self, path: str, threads: int, lib_dir: str, binding_dir: str, context: int = 512):
         import ctypes
 
-        os.environ["LLAMA_CPP_LIB_PATH"] = lib_dir
-        pkg = types.ModuleType("llama_cpp")  # the binding module only: the package __init__ wants extra deps
-        pkg.__path__ = [str(Path(binding_dir) / "llama_cpp")]
-        sys.modules["llama_cpp"] = pkg
-        import llama_cpp.llama_cpp as ll
-
+        ll = llama_binding(lib_dir, binding_dir)
         self.ll, self.ctypes = ll, ctypes
-        quiet = ll.ggml_log_callback(lambda level, text, data: None)
+        quiet = ll.llama_log_callback(lambda level, text, data: None)
         self._quiet = quiet  # keep the callback alive
         ll.llama_log_set(quiet, None)
         ll.llama_backend_init()
@@ -207,7 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workload", default=None, help="perch only: session options preset")
     ap.add_argument("--lib-dir", default=None, help="llama.cpp only: where libllama.so is")
     ap.add_argument("--binding-dir", default=None, help="llama.cpp only: the unpacked llama-cpp-python source")
+    ap.add_argument("--quantize-to", default=None, help="llama.cpp only: write a quantized GGUF here (no timing)")
+    ap.add_argument("--kind", default=None, help="with --quantize-to: Q8_0, Q4_0 or Q4_0-pure")
     args = ap.parse_args(argv)
+    if args.quantize_to:
+        llama_quantize(args.path, args.quantize_to, args.kind, args.lib_dir, args.binding_dir)
+        return 0
     base = rss_mb()
     t0 = time.perf_counter()
     engine = make_engine(args)

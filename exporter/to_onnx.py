@@ -244,6 +244,10 @@ def quantize_artifact(src: str | Path, out: str | Path, method: str, block_size:
     model = ir.load(src / manifest.model_file)
     embedding = PREFIX + SUPPORTED[manifest.arch]["embedding"]
     quant = onnx_quant.quantize(model, method, block_size, embedding=embedding)
+    # The float export stores equal tables when the config ties them (transformers ties them at load too).
+    if manifest.hf_config.get("tie_word_embeddings") and (
+            note := onnx_tie.share_tied_table(model, PREFIX, SUPPORTED[manifest.arch]["embedding"])):
+        quant["tied_table"] = note
     with staged_output(out) as tmp:
         saved = save_model(model, tmp)
         copy_side_files(src, tmp)

@@ -78,3 +78,16 @@ def test_every_workload_gives_the_same_logits(int4_export, workload):
 def test_unknown_workload_is_refused_by_name(int4_export):
     with pytest.raises(PerchError, match="workload 'fast'.*generate"):
         OnnxRuntime(int4_export, workload="fast")
+
+
+def test_chunked_prefill_continues_the_state(int4_export):
+    """A Falcon-Mamba prompt fed in chunks gives the logits of one call (the state carries over)."""
+    ids = np.arange(1, 14).reshape(1, 13)
+    whole = OnnxRuntime(int4_export, threads=1)
+    whole.prefill_chunk = 1 << 20
+    chunked = OnnxRuntime(int4_export, threads=1)
+    chunked.prefill_chunk = 4
+    a, b = whole.prefill(ids), chunked.prefill(ids)
+    assert a.shape == b.shape == (1, 13, 512)
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    np.testing.assert_allclose(whole.step(np.array([3])), chunked.step(np.array([3])), atol=1e-4)

@@ -196,7 +196,7 @@ def parse(argv: list[str] | None):
     ap.add_argument("--max-context", type=int, default=512)
     ap.add_argument("--workload", default=None, help="Perch rows: OnnxRuntime session-options preset")
     ap.add_argument("--peers-dir", default=None, help="where peers are built and cached "
-                    "(default $PERCH_PEERS or ~/.cache/perch/peers)")
+                    "(default $PERCH_PEER_DIR or ~/.cache/perch/peers)")
     ap.add_argument("--timeout", type=int, default=1200, help="seconds per timed child")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/cpu_peers.json)")
     args = ap.parse_args(argv)

@@ -1,6 +1,6 @@
 """Building or finding the CPU peers for benchmarks/cpu_peers.py, and converting one checkpoint for each.
 
-Everything lands in a peers directory (`--peers-dir`, `$PERCH_PEERS`, default ~/.cache/perch/peers) and is
+Everything lands in a peers directory (`--peers-dir`, `$PERCH_PEER_DIR`, default ~/.cache/perch/peers) and is
 reused on the next run. Nothing here is vendored into Perch:
 - llama.cpp comes from the llama-cpp-python source package (`pip download`), built with cmake. Its GGUF
   converter needs two fixes for Perch's presets; they are applied to a copy at run time (see `patch_converter`).
@@ -32,7 +32,7 @@ class Skip(Exception):
 
 
 def peers_dir(flag: str | None) -> Path:
-    d = Path(flag or os.environ.get("PERCH_PEERS") or Path.home() / ".cache" / "perch" / "peers").expanduser()
+    d = Path(flag or os.environ.get("PERCH_PEER_DIR") or Path.home() / ".cache" / "perch" / "peers").expanduser()
     d.mkdir(parents=True, exist_ok=True)
     return d
 

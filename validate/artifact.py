@@ -110,7 +110,7 @@ def reference_source(manifest: Manifest, reference: str | None) -> tuple[str, st
 
 def open_reference(model: str, adapter: str | None, *, device: str, reference_dtype: str, max_context: int,
                    allow_pickle: bool = False):
-    """(reference runtime, its checkpoint, description). On CUDA, the fast path when its kernels are present."""
+    """(reference runtime, its checkpoint, description). On CUDA, the fast path (runtimes/pytorch/fast.py)."""
     import torch
 
     from perch.loading import load_checkpoint
@@ -162,7 +162,7 @@ def open_check(path: str | Path, *, reference: str | None, prompts: str | Path |
                              f"{manifest.arch} with {manifest.hf_config.get('vocab_size')}: pass the --reference it "
                              "was exported from")
         ids = tokenize(texts, [Path(path), ckpt.model_dir], vocab, manifest.max_context - max_new_tokens)
-        art = open_artifact(path, device=device)
+        art = open_artifact(path, device=device, manifest=manifest)
     except BaseException:
         ref.close()
         raise

@@ -91,3 +91,36 @@ def test_chunked_prefill_continues_the_state(int4_export):
     assert a.shape == b.shape == (1, 13, 512)
     np.testing.assert_allclose(a, b, atol=1e-4)
     np.testing.assert_allclose(whole.step(np.array([3])), chunked.step(np.array([3])), atol=1e-4)
+
+
+def test_depthwise_conv_is_rewritten_and_exact(load_preset, tmp_path):
+    """Falcon-Mamba's causal conv leaves the graph as Slice/Mul/Add, with the logits of the Conv graph."""
+    import onnxruntime as ort
+    import onnx_ir as ir
+    import torch
+
+    from perch.exporter import onnx_fuse
+
+    ckpt = load_preset("falcon-mamba-tiny")
+    outs = []
+    for rewrite in (False, True):
+        real = onnx_fuse.apply
+        if not rewrite:
+            onnx_fuse.apply = lambda model: {}
+        try:
+            model, _ = to_onnx.build_graph(ckpt, 64, torch.float32)
+        finally:
+            onnx_fuse.apply = real
+        assert any(n.op_type == "Conv" for n in model.graph) != rewrite
+        path = tmp_path / f"c{rewrite}.onnx"
+        ir.save(model, path)
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for t in (7, 1):  # a prefill and a decode-sized call
+            feeds = {"input_ids": np.arange(1, t + 1).reshape(1, t), "attention_mask": np.ones((1, t), np.int64)}
+            for i, x in enumerate(sess.get_inputs()[2:]):
+                shape = [1 if isinstance(d, str) else d for d in x.shape]
+                feeds[x.name] = np.random.default_rng(i).standard_normal(shape).astype(np.float32)
+            outs.append(sess.run(None, feeds))
+    for a, b in zip(outs[:2], outs[2:]):
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)

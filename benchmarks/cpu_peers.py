@@ -46,8 +46,8 @@ PAIRS = {"perch-int4": ("llama-Q4_0-pure", "llama-Q4_0", "ov-int4"),
 _EXPORT = """
 import sys, json
 from perch.dev.presets import preset_dir
-from perch.exporter.export import ExportOptions, export
-export(preset_dir(sys.argv[1]), sys.argv[2], ExportOptions(to="onnx", max_context=int(sys.argv[3]), **json.loads(sys.argv[4])))
+from perch.exporter.export import export, options_for
+export(preset_dir(sys.argv[1]), sys.argv[2], options_for("onnx", max_context=int(sys.argv[3]), **json.loads(sys.argv[4])))
 """
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from perch.errors import PerchError
 from perch.exporter import onnx_quant, onnx_tie, to_onnx
-from perch.exporter.export import ExportOptions, export
+from perch.exporter.export import export, options_for
 from perch.runtimes.onnx_session import WORKLOADS
 from perch.runtimes.onnxrt import OnnxRuntime
 
@@ -16,7 +16,7 @@ from perch.runtimes.onnxrt import OnnxRuntime
 @pytest.fixture(scope="module")
 def int4_export(tmp_path_factory):
     out = tmp_path_factory.mktemp("speed") / "mamba-int4"
-    export("falcon-mamba-tiny", out, ExportOptions(to="onnx", quantize="int4", max_context=64))
+    export("falcon-mamba-tiny", out, options_for("onnx", quantize="int4", max_context=64))
     return out
 
 

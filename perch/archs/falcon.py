@@ -333,7 +333,7 @@ def io_spec(config, max_context: int, frontend: str = "past_present", state_dtyp
     hd, n = config.hidden_size // config.num_attention_heads, config.num_hidden_layers
     context = "context" if frontend == "past_present" else max_context
     kv_shape = ("batch", num_kv_heads(config), context, hd)
-    states = tuple(StateSpec(kind, kv_shape, state_dtype, n, STATE_HOLDS[kind]) for kind in ("key", "value"))
+    states = tuple(StateSpec(kind, kv_shape, state_dtype, n, STATE_HOLDS[kind], cache_axis=2) for kind in ("key", "value"))
     logits = (TensorSpec("logits", ("batch", "sequence", config.vocab_size), "float32"),)
     if frontend == "stateful":
         inputs = (TensorSpec("input_ids", ("batch", "sequence"), "int32"),

@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx_ir as ir
 import torch
 
-from perch.exporter import clients, onnx_quant
+from perch.exporter import clients, onnx_fuse, onnx_quant, onnx_tie
 from perch.archs import arch_module
 from perch.errors import PerchError
 from perch.exporter.options import OnnxOptions
@@ -90,6 +90,9 @@ def export(ckpt, out_dir: str | Path, options: OnnxOptions) -> Manifest:
     quant = {"method": "none"}
     if options.quantize != "none":
         quant = onnx_quant.quantize(model, options.quantize, options.block_size, embedding=PREFIX + mod.EMBEDDING)
+        if onnx_tie.is_tied(ckpt.state_dict, mod.EMBEDDING) and (
+                note := onnx_tie.share_tied_table(model, PREFIX, mod.EMBEDDING)):
+            quant["tied_table"] = note
     saved = save_model(model, out_dir, subfolder=profile.onnx_subfolder, data_file=profile.data_file)
     if options.quantize != "none":
         quant["size_bytes"] = saved["bytes"]
@@ -130,6 +133,7 @@ def build_graph(ckpt, max_context: int, dtype: torch.dtype, frontend: str = "pas
     import onnxscript.optimizer
 
     onnxscript.optimizer.optimize(model)  # folds only small constants (input size limit), never the weights
+    onnx_fuse.apply(model)  # same math in kernels ORT runs faster on CPU (exporter/onnx_fuse.py)
     model.ir_version = IR_VERSION
     model.producer_name, model.producer_version = "perch", _perch_version()
     variant = "inplace" if frontend == "inplace" else "default"
@@ -284,6 +288,10 @@ def quantize_artifact(src: str | Path, out: str | Path, method: str, block_size:
     model = ir.load(src / manifest.model_file)
     embedding = PREFIX + arch_module(manifest.arch).EMBEDDING
     quant = onnx_quant.quantize(model, method, block_size, embedding=embedding)
+    # The float export stores equal tables when the config ties them (transformers ties them at load too).
+    if manifest.hf_config.get("tie_word_embeddings") and (
+            note := onnx_tie.share_tied_table(model, PREFIX, arch_module(manifest.arch).EMBEDDING)):
+        quant["tied_table"] = note
     with staged_dir(out) as tmp:
         profile = clients.client(manifest.profile, "onnx")  # keep the source's client layout
         saved = save_model(model, tmp, subfolder=profile.onnx_subfolder, data_file=profile.data_file)

@@ -1,4 +1,4 @@
-"""Fuzz `perch export` + `perch check` with N seeded random tiny configs (perch.dev.fuzz).
+"""Fuzz `perch export` + `perch check` with N seeded random tiny configs (perch.validate.fuzz).
 
     nice -n 10 python benchmarks/fuzz_configs.py --n 200 --seed 0
 
@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from perch.dev.fuzz import run_case, sample, verdict
+from perch.validate.fuzz import run_case, sample, verdict
 
 OUT = Path(__file__).resolve().parent / "results" / "fuzz_configs.json"
 

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from perch.dev.fuzz import BAD, run_case, sample, verdict
+from perch.validate.fuzz import BAD, run_case, sample, verdict
 
 SEED = int(os.environ.get("PERCH_FUZZ_SEED", "0"))
 

@@ -72,18 +72,22 @@ BAD = [
 NAMED_AS = {"rope_scaling": "RoPE scaling"}
 
 
+# arch -> its config sampler (dev data, one row per fuzzed architecture)
+SAMPLERS = {"falcon": lambda rng: _falcon(rng), "falcon_mamba": lambda rng: _falcon_mamba(rng)}
+
+
 def sample(rng: random.Random, bad_share: float = 0.25) -> Case:
     """One random case; about `bad_share` of them carry one unsupported field."""
     if rng.random() < bad_share:
         arch, key, value = rng.choice(BAD)
-        cfg = (_falcon if arch == "falcon" else _falcon_mamba)(rng)
+        cfg = SAMPLERS[arch](rng)
         if value is None:
             cfg.pop(key, None)
         else:
             cfg[key] = value
         return Case(arch, cfg, refuse=key, label=f"{arch} {key}={value!r}")
-    arch = rng.choice(["falcon", "falcon_mamba"])
-    cfg = (_falcon if arch == "falcon" else _falcon_mamba)(rng)
+    arch = rng.choice(sorted(SAMPLERS))
+    cfg = SAMPLERS[arch](rng)
     return Case(arch, cfg, label=_describe(cfg))
 
 

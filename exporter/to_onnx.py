@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx_ir as ir
 import torch
 
-from perch.exporter import calibration, clients, onnx_quant
+from perch.exporter import calibration, clients, onnx_fuse, onnx_quant, onnx_tie
 from perch.archs import arch_module
 from perch.errors import PerchError
 from perch.exporter.options import OnnxOptions
@@ -92,6 +92,9 @@ def export(ckpt, out_dir: str | Path, options: OnnxOptions) -> Manifest:
         cal = calibration.calibration_for(ckpt, options)
         quant = onnx_quant.quantize(model, options.quantize, options.block_size, embedding=PREFIX + mod.EMBEDDING,
                                     calibration=cal)
+        if onnx_tie.is_tied(ckpt.state_dict, mod.EMBEDDING) and (
+                note := onnx_tie.share_tied_table(model, PREFIX, mod.EMBEDDING)):
+            quant["tied_table"] = note
     saved = save_model(model, out_dir, subfolder=profile.onnx_subfolder, data_file=profile.data_file)
     if options.quantize != "none":
         quant["size_bytes"] = saved["bytes"]
@@ -132,10 +135,12 @@ def build_graph(ckpt, max_context: int, dtype: torch.dtype, frontend: str = "pas
     import onnxscript.optimizer
 
     onnxscript.optimizer.optimize(model)  # folds only small constants (input size limit), never the weights
+    onnx_fuse.apply(model)  # same math in kernels ORT runs faster on CPU (exporter/onnx_fuse.py)
     model.ir_version = IR_VERSION
     model.producer_name, model.producer_version = "perch", _perch_version()
     variant = "inplace" if frontend == "inplace" else "default"
-    model.metadata_props.update({"perch.arch": ckpt.arch, "perch.variant": variant})
+    # The graph's own record of its context (rotary tables, buffers): a runtime compares the manifest with it.
+    model.metadata_props.update({"perch.arch": ckpt.arch, "perch.variant": variant, "perch.max_context": str(max_context)})
     return model, io
 
 
@@ -276,18 +281,23 @@ def quantize_artifact(src: str | Path, out: str | Path, method: str, block_size:
     GPTQ recipes need `calibration` (`perch.exporter.calibration.calibrate(checkpoint)`); without it their
     linear layers use the scale search, and the manifest notes it.
     """
-    from perch.exporter.export import check_output, copy_side_files, staged_output
+    from perch.exporter.export import copy_side_files
+    from perch.staging import check_destination, staged_dir
 
     src, out = Path(src), Path(out)
     manifest = Manifest.load(src)
     if manifest.format != "onnx" or manifest.quantization.get("method", "none") != "none":
         raise PerchError(f"{src}: quantize_artifact needs an unquantized ONNX export (this one is "
                          f"{manifest.format}, quantization {manifest.quantization.get('method')})")
-    check_output(out)
+    check_destination(out)
     model = ir.load(src / manifest.model_file)
     embedding = PREFIX + arch_module(manifest.arch).EMBEDDING
     quant = onnx_quant.quantize(model, method, block_size, embedding=embedding, calibration=calibration)
-    with staged_output(out) as tmp:
+    # The float export stores equal tables when the config ties them (transformers ties them at load too).
+    if manifest.hf_config.get("tie_word_embeddings") and (
+            note := onnx_tie.share_tied_table(model, PREFIX, arch_module(manifest.arch).EMBEDDING)):
+        quant["tied_table"] = note
+    with staged_dir(out) as tmp:
         profile = clients.client(manifest.profile, "onnx")  # keep the source's client layout
         saved = save_model(model, tmp, subfolder=profile.onnx_subfolder, data_file=profile.data_file)
         copy_side_files(src, tmp)

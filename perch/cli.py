@@ -28,7 +28,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         return 0
     if not a.model or not a.to or not a.out:
         raise PerchError("perch export needs MODEL, --to and --out (or --list); see `perch export --help`")
-    from perch.exporter.export import export
+    from perch.exporter.export import describe_quantization, export
     from perch.exporter.options import options_for
 
     opts = options_for(a.to, precision=a.precision, quantize=a.quantize, block_size=a.block_size,
@@ -40,6 +40,11 @@ def cmd_export(a: argparse.Namespace) -> int:
           f"{f' ({bpw} bits per weight)' if bpw else ''}, max context {m.max_context}")
     for client, verdict in m.extras.get("clients", {}).items():  # say plainly which clients can run it
         print(f"  {client}: {verdict}")
+    if m.quantization.get("method", "none") != "none":  # say what was not quantized, and why
+        print(f"quantization: {describe_quantization(m.quantization)}")
+    if not m.tokenizer_files:
+        print(f"warning: {a.model} has no tokenizer files, so none was shipped; the artifact takes token ids "
+              "(copy the tokenizer into it for `perch generate`)", file=sys.stderr)
     return 0
 
 
@@ -123,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--block-size", type=int, default=32, help="int4 block size (16, 32, 64 or 128)")
     e.add_argument("--calibration", help="int4 / int4-mixed (GPTQ): text file to calibrate on "
                    "(default: Perch's built-in corpus, train split)")
-    e.add_argument("--max-context", type=int, help="longest context the artifact accepts (default: min(model's, 2048))")
+    e.add_argument("--max-context", type=positive_int, help="longest context the artifact accepts (default: min(model's, 2048))")
     e.add_argument("--variant", default="default", choices=["default", "inplace"],
                    help="ONNX: inplace = fixed-size K,V buffers updated by GroupQueryAttention (fast decode)")
     e.add_argument("--multifunction", action="store_true", help="Core ML: prefill and decode functions sharing state")
@@ -138,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text from an exported artifact, a checkpoint or a preset")
     g.add_argument("model", help="artifact directory, checkpoint directory, hub id or preset name")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--max-new-tokens", type=positive_int, default=32)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -152,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("artifact", help="directory written by perch export")
     c.add_argument("--reference", help="model to compare against (default: the one in the manifest)")
     c.add_argument("--prompts", help="text file, one prompt per line")
-    c.add_argument("--max-new-tokens", type=int, default=8)
+    c.add_argument("--max-new-tokens", type=positive_int, default=8)
     c.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     c.add_argument("--reference-dtype", default="float32", choices=["float32", "float16", "bfloat16", "bnb4", "bnb8"])
     c.add_argument("--speed", action="store_true", help="also time prefill and decode, side by side")
@@ -173,6 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--materialize", metavar="NAME")
     s.set_defaults(fn=cmd_presets)
     return p
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (argparse turns the ValueError into exit 2)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give a count of at least 1") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} must be at least 1")
+    return n
 
 
 def add_model_source_flags(p: argparse.ArgumentParser) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from perch import __version__
 from perch.errors import PerchError
+from perch.manifest_paths import check_manifest_paths
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 2
@@ -198,6 +199,7 @@ class Manifest:
             raise PerchError(f"{directory}: no {MANIFEST_NAME}; is this a directory written by `perch export`?")
         try:
             d = json.loads(path.read_text())
+            check_manifest_paths(directory, d)
             if d.get("schema_version", 0) > MANIFEST_SCHEMA_VERSION:
                 raise PerchError(f"{path}: manifest schema {d['schema_version']} is newer than this Perch; upgrade perch")
             if d.get("schema_version", 0) < MANIFEST_SCHEMA_VERSION:
@@ -208,5 +210,5 @@ class Manifest:
             return cls(**d)
         except PerchError:
             raise
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise PerchError(f"{path}: corrupt manifest ({type(e).__name__}: {e}); re-export the model") from e

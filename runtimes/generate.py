@@ -47,6 +47,8 @@ def pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np
 def generate_ids(runtime: Runtime, prompt_ids: np.ndarray, max_new_tokens: int, *, sampling: Sampling = Sampling(),
                  eos_token_id: int | None = None, attention_mask: np.ndarray | None = None) -> Iterator[np.ndarray]:
     """Yield (B,) new token ids step by step; a row that produced EOS keeps emitting EOS."""
+    if max_new_tokens < 1:
+        raise PerchError(f"max_new_tokens {max_new_tokens}: must be at least 1")
     rng = np.random.default_rng(sampling.seed)
     runtime.reset(prompt_ids.shape[0])
     logits = runtime.prefill(prompt_ids, attention_mask)[:, -1]

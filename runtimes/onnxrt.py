@@ -20,6 +20,7 @@ import numpy as np
 from perch.errors import PerchError
 from perch.spec import Manifest
 from perch.runtimes.base import Runtime, model_inputs
+from perch.runtimes.onnx_session import DEFAULT_WORKLOAD, PREFILL_CHUNK, apply as apply_workload
 
 ORT_TYPES = {"tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(float)": "float32",
              "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16"}
@@ -141,10 +142,19 @@ def split_fused_kv(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def open_session(path: Path, providers: list, threads: int | None = None):
+def check_context(session, manifest: Manifest) -> None:
+    """The manifest's max_context must be the one the graph was built for (its rotary tables end there)."""
+    built = session.get_modelmeta().custom_metadata_map.get("perch.max_context")
+    if built is not None and int(built) != int(manifest.max_context):
+        raise PerchError(f"manifest.json says max_context {manifest.max_context}, but the model was exported for "
+                         f"{built}: the manifest was edited or mixed up; re-export with --max-context")
+
+
+def open_session(path: Path, providers: list, threads: int | None = None, workload: str = DEFAULT_WORKLOAD):
     ort = _ort()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: ORT warns about harmless unused initializers
+    apply_workload(opts, workload)
     if threads:
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     try:
@@ -155,12 +165,13 @@ def open_session(path: Path, providers: list, threads: int | None = None):
 
 
 class OnnxRuntime(Runtime):
-    """An ONNX export behind the step API. `device`: "cpu", "cuda" or "cuda:N"; `threads`: ORT intra-op threads."""
+    """An ONNX export behind the step API. `device`: "cpu", "cuda" or "cuda:N"; `threads`: ORT intra-op threads;
+    `workload`: session options (runtimes/onnx_session.py)."""
 
     name = "onnxruntime"
 
     def __init__(self, path: str | Path, *, device: str = "cpu", threads: int | None = None,
-                 manifest: Manifest | None = None):
+                 manifest: Manifest | None = None, workload: str = DEFAULT_WORKLOAD):
         self.path = Path(path)
         self.manifest = manifest or Manifest.load(self.path)
         if self.manifest.format != "onnx":
@@ -169,12 +180,14 @@ class OnnxRuntime(Runtime):
         self.vocab_size = int(self.manifest.hf_config["vocab_size"])
         self.max_context = int(self.manifest.max_context)
         self.device, self.device_id = parse_device(device)
-        self.session = open_session(check_files(self.path, self.manifest), providers_for(device), threads)
+        self.session = open_session(check_files(self.path, self.manifest), providers_for(device), threads, workload)
         check_graph(self.session, self.manifest)
+        check_context(self.session, self.manifest)
         self.input_names = self.manifest.names("input")
         self.past_names = list(self.manifest.names("past").items())  # [(canonical "key.0", graph name)]
         self.present_names = list(self.manifest.names("present").items())
         self._binding = None
+        self.prefill_chunk = PREFILL_CHUNK
         self.reset(1)
 
     # ---------------------------------------------------------------- device tensors
@@ -205,6 +218,12 @@ class OnnxRuntime(Runtime):
             # its newer query_seqlens input): feed such a chunk one token at a time, same result.
             return np.concatenate([self._run(input_ids[:, j : j + 1], mask[:, : past + j + 1], positions[:, j : j + 1])
                                    for j in range(t)], axis=1)
+        if self._fixed_state() and t > self.prefill_chunk:
+            # Fixed-size state continues exactly across calls: a long prompt in chunks bounds the per-token
+            # activations of the Scan prefill (~2 MiB per token for falcon-mamba-mid) at no cost in results.
+            c = self.prefill_chunk
+            return np.concatenate([self._run(input_ids[:, j : j + c], mask[:, : past + j + c], positions[:, j : j + c])
+                                   for j in range(0, t, c)], axis=1)
         return self._run(input_ids, mask, positions)
 
     def _run(self, input_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ import torch
 ARCHS = {
     "falcon": {"presets": ("falcon-tiny", "falcon40b-tiny"), "scans": ("loop",)},
     "falcon_mamba": {"presets": ("falcon-mamba-tiny",), "scans": ("loop", "logdepth", "scan")},
+    "falcon_h1": {"presets": ("falcon-h1-tiny",), "scans": ("loop", "chunked", "quadratic")},
 }
 # backend -> precisions run through the public `perch.check` in tests/test_house.py (fp32 and one
 # compressed form each; the per-backend files test the rest of their precisions and variants).

@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from perch.runtimes.pytorch.eager import EagerRuntime
 from perch.errors import PerchError
@@ -39,6 +38,11 @@ BROKEN = {
         "state_write": (lambda c: DroppedStateWrite(c, max_context=CTX), "decode", 1),
     },
     "falcon_mamba": {
+        "weight": (lambda c: EagerRuntime(perturbed(c), max_context=CTX), "prefill", 1),
+        "state_write": (lambda c: DroppedStateWrite(c, max_context=CTX), "decode", 1),
+    },
+    "falcon_h1": {
+        "position": (lambda c: ShiftedDecode(c, max_context=CTX), "decode", 0),
         "weight": (lambda c: EagerRuntime(perturbed(c), max_context=CTX), "prefill", 1),
         "state_write": (lambda c: DroppedStateWrite(c, max_context=CTX), "decode", 1),
     },

@@ -23,6 +23,7 @@ from perch.exporter.export import export, options_for
 from perch.errors import PerchError
 from perch.runtimes.mil import ops as mil_ops
 from perch.runtimes.coreml import CoreMLRuntime
+from perch.spec import Manifest
 from perch.runtimes.mil.executor import MilExecutor, MilProgram
 from perch.runtimes.pytorch.reference import ReferenceRuntime
 from tests.matrix import ARCHS
@@ -98,7 +99,7 @@ def test_fp32_compute_matches_transformers(preset, exported, reference):
 
 
 @pytest.mark.parametrize("preset,kw", [("falcon-tiny", {"multifunction": True}), ("falcon40b-tiny", {}),
-                                       ("falcon-mamba-tiny", {})])
+                                       ("falcon-mamba-tiny", {}), ("falcon-h1-tiny", {"multifunction": True})])
 def test_fp16_compute_within_fp16_rounding(preset, kw, exported, reference, load_preset):
     rt = CoreMLRuntime(exported(preset, precision="fp16", **kw))
     ref = reference(preset)
@@ -172,7 +173,8 @@ def test_states_written_and_match_reference(preset, exported, load_preset):
     program = MilProgram.load(path / "model.mlpackage")
     layers = load_preset(preset).config.num_hidden_layers
     counts = to_coreml.state_writes(program.program)
-    assert len(counts) == 2 and all(n == layers for n in counts.values()), counts
+    kinds = len(Manifest.load(path).io.states)  # K,V; conv, SSM; or all four (Falcon-H1)
+    assert len(counts) == kinds and all(n == layers for n in counts.values()), counts
     rt, ref = CoreMLRuntime(path), ReferenceRuntime(load_preset(preset))
     ids = np.arange(3, 9)[None]
     rt.prefill(ids)
@@ -252,7 +254,8 @@ def _dequantized_checkpoint(ckpt, package: Path):
 # inside fp16_bound: all of the error comes from the weights, none from the executor.
 COMPRESSION = [("falcon40b-tiny", "int8", 0.05, "constexpr_blockwise_shift_scale"),
                ("falcon-tiny", "int4", 0.5, "constexpr_blockwise_shift_scale"),
-               ("falcon-mamba-tiny", "palettize4", 0.25, "constexpr_lut_to_dense")]
+               ("falcon-mamba-tiny", "palettize4", 0.25, "constexpr_lut_to_dense"),
+               ("falcon-h1-tiny", "int4", 0.5, "constexpr_blockwise_shift_scale")]
 
 
 @pytest.mark.parametrize("preset,method,rel_bound,op", COMPRESSION)
@@ -261,7 +264,8 @@ def test_compressed_package_runs_and_error_is_bounded(preset, method, rel_bound,
     manifest = json.loads((path / "manifest.json").read_text())
     q = manifest["quantization"]
     assert q["method"] == method and q["compressed"]["tensors"] > 0
-    assert any("rotary" in r for r in q["left_alone"]) == (ARCH_OF[preset] == "falcon")
+    attention = any(st["kind"] == "key" for st in manifest["io"]["states"])
+    assert any("rotary" in r for r in q["left_alone"]) == attention  # rotary tables exist only with attention
     program = MilProgram.load(path / "model.mlpackage").function("main")
     ops = [o for o in program.operations if o.op_type == op]
     assert len(ops) == q["compressed"]["tensors"]

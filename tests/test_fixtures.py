@@ -16,7 +16,7 @@ from perch.dev import fixtures, tokenizer
 from perch.errors import PerchError
 
 # Few steps and a short held-out slice keep this file fast; the full recipe is the slow test's.
-QUICK_STEPS = {"falcon": 8, "falcon_mamba": 3}
+QUICK_STEPS = {"falcon": 8, "falcon_mamba": 3, "falcon_h1": 3}
 QUICK_HELDOUT = 512
 TEXTS = [
     "The \"if\" statement is used for conditional execution.",

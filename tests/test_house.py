@@ -21,7 +21,7 @@ PACKAGES = {"perch": ROOT / "perch", "perch.exporter": ROOT / "exporter", "perch
             "perch.validate": ROOT / "validate"}
 # Layers, bottom up: a module may import its own layer and those below, never above.
 LAYERS = [
-    ("perch.errors", "perch.spec"),
+    ("perch.errors", "perch.spec", "perch.manifest_paths", "perch.staging", "perch.progress"),
     ("perch.archs",),
     ("perch.loading", "perch.dev"),
     ("perch.runtimes",),

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, FalconConfig, FalconMambaConfig, LlamaConfig
+from transformers import AutoModelForCausalLM, FalconConfig, FalconH1Config, FalconMambaConfig, LlamaConfig
 
 from perch.archs import ARCH_MODULES, all_archs, describe_supported, detect_arch
 from perch.archs.falcon import falcon_layout, falcon_variant
@@ -18,6 +18,9 @@ from perch.errors import PerchError, UnsupportedModel
 from perch.loading.checkpoint import (build_hf_model, load_checkpoint, load_config, load_state_dict,
                            resolve_model_dir)
 from tests.tiny_models import FALCON, MAMBA, TINY, copy_model, edit_config, logits
+
+H1 = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+          mamba_d_ssm=64, mamba_n_heads=4, mamba_d_state=16)
 
 # ---------------------------------------------------------------- the registry
 def test_every_supported_arch_has_a_tiny_model():
@@ -71,6 +74,9 @@ def test_rotary_buffers_without_transformers_init():
     (FalconConfig(**FALCON, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}), "RoPE"),
     (FalconConfig(**FALCON, new_decoder_architecture=True, num_kv_heads=2, parallel_attn=False), "parallel_attn"),
     (FalconMambaConfig(**MAMBA, quantization_config={"quant_method": "gptq", "bits": 4}), "gptq"),
+    (FalconH1Config(**H1, time_step_limit=(0.0, 0.5)), "time_step_limit"),
+    (FalconH1Config(**H1, hidden_act="gelu"), "hidden_act"),
+    (FalconH1Config(**H1, rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}), "RoPE"),
 ])
 def test_unsupported_configs(config, needle):
     with pytest.raises(UnsupportedModel, match="^not supported:") as err:
@@ -158,11 +164,17 @@ def test_bad_files_give_perch_errors(saved, tmp_path):
 def test_config_weights_mismatch(saved, tmp_path):
     path = copy_model(saved["falcon_multi_query"][1], tmp_path / "m")
     edit_config(path, num_hidden_layers=3, num_attention_heads=8)
-    ckpt = load_checkpoint(path)
-    with pytest.raises(PerchError, match="does not match the weights") as err:
-        build_hf_model(ckpt.config, ckpt.state_dict)
+    with pytest.raises(PerchError, match="does not match its config.json") as err:
+        load_checkpoint(path)  # checked on load, before any backend or transformers model is built
     assert "missing from the weights: transformer.h.2." in str(err.value)
-    assert "query_key_value.weight: weights (96, 64) vs config (80, 64)" in str(err.value)
+    assert "query_key_value.weight is (96, 64), the config needs (80, 64)" in str(err.value)
+    state_dict = load_checkpoint(saved["falcon_multi_query"][1]).state_dict
+    with pytest.raises(PerchError, match="does not match the weights"):  # build_hf_model's own check
+        build_hf_model(ckpt_config(path), state_dict)
+
+
+def ckpt_config(path):
+    return load_config(path)
 
 
 def test_hub_id_from_local_cache(saved, tmp_path, monkeypatch):

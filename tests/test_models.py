@@ -20,6 +20,14 @@ FALCON_VARIANTS = {
     "multi_head_bias": dict(multi_query=False, bias=True),
     "grouped_one_norm": dict(new_decoder_architecture=True, num_kv_heads=2, num_attention_heads=8, num_ln_in_parallel_attn=1),
 }
+# Falcon-H1 settings the tiny preset leaves at one value: the mixer's gated RMS norm (gate before or after the
+# norm), B/C groups, biases, and head_dim = hidden / heads (None: leave the field unset).
+FALCON_H1_VARIANTS = {
+    "gated_norm_groups": dict(mamba_rms_norm=True, mamba_n_groups=2, mamba_norm_before_gate=True),
+    "gate_then_norm_bias": dict(mamba_rms_norm=True, mamba_n_groups=2, mamba_norm_before_gate=False,
+                                attention_bias=True, mlp_bias=True, mamba_proj_bias=True, projectors_bias=True),
+    "default_head_dim_tied": dict(head_dim=None, tie_word_embeddings=True),
+}
 
 
 def hf_logits(ckpt, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -95,6 +103,29 @@ def test_falcon_variants_match_transformers(tmp_path, variant):
     ours = EagerRuntime(ckpt, max_context=32)
     ours.reset(2)
     got = np.concatenate([ours.prefill(ids[:, :10]), ours.prefill(ids[:, 10:])], 1)
+    assert np.abs(got - hf_logits(ckpt, ids)).max() <= TOL
+
+
+@pytest.mark.parametrize("variant", sorted(FALCON_H1_VARIANTS))
+def test_falcon_h1_variants_match_transformers(tmp_path, variant):
+    """Chunks of 11, 1 and 6 tokens over the chunked SSD form, batch 2, against one transformers forward."""
+    from transformers import FalconH1Config, FalconH1ForCausalLM
+
+    from perch.loading import load_checkpoint
+
+    settings = {**PRESETS["falcon-h1-tiny"].config, **FALCON_H1_VARIANTS[variant]}
+    cfg = FalconH1Config(**{k: v for k, v in settings.items() if v is not None})
+    torch.manual_seed(0)
+    model = FalconH1ForCausalLM(cfg)
+    with torch.no_grad():  # perturb norms, biases, D, dt_bias too, so a swapped or ignored tensor shows
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(tmp_path)
+    ckpt = load_checkpoint(tmp_path)
+    ids = prompt(2, 18, cfg.vocab_size, seed=3)
+    ours = EagerRuntime(ckpt, max_context=32, scan="chunked")
+    ours.reset(2)
+    got = np.concatenate([ours.prefill(ids[:, :11]), ours.prefill(ids[:, 11:12]), ours.prefill(ids[:, 12:])], 1)
     assert np.abs(got - hf_logits(ckpt, ids)).max() <= TOL
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from perch.validate import metrics
 from perch.validate.render import write_report
 from perch.validate.report import CheckReport, Failure, PromptResult
-from perch.validate.tolerances import Tolerances
+from perch.validate.tolerances import Tolerances, kl_floor, max_abs_floor
 
 # per-step metric -> (row function, True if the limit is an upper bound), in report order
 STEP_METRICS = {
@@ -96,10 +96,13 @@ def _step_failures(pr: PromptResult, tol: Tolerances) -> list[Failure]:
         if limit is None:
             continue
         values = np.asarray(pr.steps[name])
+        if f"{name}_floor" in pr.steps:
+            limit = np.maximum(limit, np.asarray(pr.steps[f"{name}_floor"]))
         bad = _outside(values, limit, upper)
         if bad.any():
             first = int(np.argmax(bad))
             worst = float("nan") if np.isnan(values).any() else float(values.max() if upper else values.min())
+            limit = float(np.max(limit))  # the loosest per-step limit, for the report
             out.append(Failure("teacher_forced", name, worst, limit, prompt=pr.index, step=first,
                                phase=pr.phase(first), count=int(bad.sum()), first_value=float(values[first])))
     return out
@@ -119,8 +122,11 @@ def _state_failures(pr: PromptResult, tol: Tolerances) -> list[Failure]:
 
 def _run_failures(prompts: list[PromptResult], overall: dict, tol: Tolerances, n: int) -> list[Failure]:
     out = []
+    floor = float(np.mean(np.concatenate([np.asarray(p.steps.get("kl_floor", [0.0])) for p in prompts])))
     for key, limit_name, upper in RUN_LIMITS:
         limit, value = getattr(tol, limit_name), overall[key]
+        if key == "mean_kl" and limit is not None:
+            limit = max(limit, floor)
         if limit is not None and _outside(value, limit, upper):
             out.append(Failure("teacher_forced", key, value, limit))
     if tol.min_greedy_match is not None and n > 0:
@@ -151,6 +157,8 @@ def _check_prompt(art, ref, index: int, ids: np.ndarray, text: str | None, n: in
     state = metrics.state_divergence(ref.state(), art.state())
     steps = {name: fn(r, a).tolist() for name, (fn, _) in STEP_METRICS.items()}
     steps["top1"], steps["top5"] = metrics.row_top1(r, a).tolist(), metrics.row_topk(r, a, 5).tolist()
+    # The scale-bound limits never sit below what rounding noise within the rel_l2 limit gives.
+    steps["kl_floor"], steps["max_abs_floor"] = kl_floor(r, tol).tolist(), max_abs_floor(r, tol).tolist()
     # Up to the first argmax disagreement the free run equals the teacher-forced one; run it only after.
     agree = metrics.greedy_match_length(ref_tokens, [int(x) for x in a[len(ids) - 1 : -1].argmax(-1)])
     art_tokens = ref_tokens if agree == n else _free_run(art, ids, n)

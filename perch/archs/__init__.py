@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 from perch.errors import UnsupportedModel
 
 # name -> module. The name is Perch's architecture name, recorded in every manifest.
-ARCH_MODULES = {"falcon": "perch.archs.falcon", "falcon_mamba": "perch.archs.falcon_mamba"}
+ARCH_MODULES = {"falcon": "perch.archs.falcon", "falcon_mamba": "perch.archs.falcon_mamba", "falcon_h1": "perch.archs.falcon_h1"}
 FRONTENDS = ("past_present", "stateful", "inplace")
 _NOT_SUPPORTED_NOTE = "ALiBi Falcon checkpoints (falcon-rw-1b/7b), RoPE scaling, GPTQ/AWQ-quantized checkpoints"
 

@@ -109,11 +109,30 @@ def falcon_layout(config) -> FalconLayout:
     return FalconLayout(variant, new_decoder or bool(config.parallel_attn), nh, nkv, config.hidden_size // nh, norms)
 
 
+# config.json must state these: transformers would otherwise fill in Falcon-7B's sizes (4544, 71, 32).
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers")
+ACTIVATIONS = ("gelu",)  # FalconMLP applies exact (erf) gelu, as transformers' "gelu"
+_SIZES = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "max_position_embeddings")
+
+
 def check_config(config) -> None:
-    """Refuse every Falcon setting this module does not implement, by name."""
-    if getattr(config, "activation", "gelu") != "gelu":  # FalconMLP below applies exact gelu
-        raise _unsupported(f"activation={config.activation!r} (this Falcon exporter implements activation='gelu')")
-    falcon_layout(config)
+    """Refuse every Falcon setting this module does not implement, naming the field, the value and the fix."""
+    act = getattr(config, "activation", "gelu")
+    if act not in ACTIVATIONS:
+        raise _unsupported(f"activation={act!r}: this Falcon exporter implements activation='gelu' only "
+                           "(exporting another would give wrong numbers)")
+    for key in _SIZES + (("ffn_hidden_size",) if getattr(config, "ffn_hidden_size", None) is not None else ()):
+        value = getattr(config, key, None)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise _unsupported(f"{key}={value!r}: config.json needs a positive whole number for {key}")
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    if hidden % heads:
+        raise _unsupported(f"hidden_size={hidden} with num_attention_heads={heads}: hidden_size must be divisible "
+                           "by num_attention_heads; fix config.json to the values the weights were trained with")
+    if (hidden // heads) % 2:
+        raise _unsupported(f"head size {hidden // heads} (hidden_size / num_attention_heads) is odd: rotary "
+                           "embeddings rotate pairs of channels; use an even head size")
+    falcon_layout(config)  # variants: ALiBi, combinations transformers cannot run, K,V groups
 
 
 def falcon_variant(config) -> str:

@@ -46,12 +46,24 @@ def translate_config(raw: dict) -> dict:
     return raw
 
 
+# config.json must state these: transformers would otherwise fill in defaults that describe other weights.
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers")
+_SIZES = ("hidden_size", "num_hidden_layers", "vocab_size", "state_size", "conv_kernel", "time_step_rank",
+          "intermediate_size")
+
+
 def check_config(config) -> None:
-    """Refuse every Falcon-Mamba setting this module does not implement, by name."""
+    """Refuse every Falcon-Mamba setting this module does not implement, naming the field, the value and the fix."""
     from perch.archs import unsupported
 
-    if getattr(config, "hidden_act", "silu") != "silu":  # the mixer below gates and convolves with silu
-        raise unsupported(f"hidden_act={config.hidden_act!r} (this Falcon-Mamba exporter implements 'silu')")
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":  # the mixer below gates and convolves with silu
+        raise unsupported(f"hidden_act={act!r}: this Falcon-Mamba exporter implements hidden_act='silu' only "
+                          "(exporting another would give wrong numbers)")
+    for key in _SIZES:
+        value = getattr(config, key, None)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise unsupported(f"{key}={value!r}: config.json needs a positive whole number for {key}")
 
 
 def a_log_to_a(a_log: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,6 @@ import functools
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +23,8 @@ from tokenizers import Tokenizer
 from transformers import (
     FalconConfig,
     FalconForCausalLM,
+    FalconH1Config,
+    FalconH1ForCausalLM,
     FalconMambaConfig,
     FalconMambaForCausalLM,
     PretrainedConfig,
@@ -35,6 +34,7 @@ from transformers import (
 from transformers.activations import ACT2FN
 
 from perch.errors import PerchError
+from perch.staging import build_once
 from perch.dev.presets import cache_root
 from perch.dev.tokenizer import (
     EOS_ID,
@@ -51,7 +51,7 @@ BLOCK = 128
 BATCH = 8
 # Peak AdamW learning rate; measured held-out ppl: falcon 154 at 2e-3 vs 185 at 4e-3,
 # falcon_mamba 167 at 4e-3 vs 182 at 2e-3.
-LR = {"falcon": 2e-3, "falcon_mamba": 4e-3}
+LR = {"falcon": 2e-3, "falcon_mamba": 4e-3, "falcon_h1": 2e-3}
 MIN_LR_FRACTION = 0.1  # cosine decays to 10% of LR
 WARMUP_FRACTION = 0.05
 WEIGHT_DECAY = 0.01
@@ -61,7 +61,7 @@ EVAL_BATCH = 16  # held-out windows scored per forward
 # One thread: with 2 threads on 2 shared cores a step ran 10-25x slower (OpenMP barriers).
 TRAIN_THREADS = 1
 # Chosen so each fixture trains in ~1.5-3 minutes on 2 shared cores (see the report in fixture.json).
-DEFAULT_STEPS = {"falcon": 300, "falcon_mamba": 160}
+DEFAULT_STEPS = {"falcon": 300, "falcon_mamba": 160, "falcon_h1": 160}
 
 # Both untied (tie_word_embeddings=False): exports untie the head anyway (MatMulNBits skips a
 # transposed embedding), so the trained head is the one quantization sees.
@@ -98,10 +98,33 @@ FIXTURE_CONFIGS: dict[str, PretrainedConfig] = {
         pad_token_id=EOS_ID,
         tie_word_embeddings=False,
     ),
+    # Falcon-H1 layout (every layer attention + Mamba-2 in parallel, GQA, SiLU gate) at unit µP multipliers:
+    # the multipliers are exercised by the tiny preset; here they would only change the training recipe.
+    "falcon_h1": FalconH1Config(
+        vocab_size=FIXTURE_VOCAB,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        mamba_d_ssm=256,
+        mamba_n_heads=8,
+        mamba_d_head=32,
+        mamba_d_state=16,
+        mamba_n_groups=1,
+        mamba_chunk_size=64,  # transformers' training path pads each sequence to a multiple of this
+        max_position_embeddings=2048,
+        bos_token_id=EOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=EOS_ID,
+        tie_word_embeddings=False,
+    ),
 }
 MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
     "falcon": FalconForCausalLM,
     "falcon_mamba": FalconMambaForCausalLM,
+    "falcon_h1": FalconH1ForCausalLM,
 }
 
 
@@ -358,26 +381,10 @@ def train_fixture(arch: str, out_dir: str | Path, *, steps: int | None = None, s
 def fixture_dir(arch: str, *, steps: int | None = None, seed: int = 0) -> Path:
     """The directory of a cached trained fixture for `arch`, training it first if missing.
 
-    Trains into a temp dir beside the cache entry and renames it into place when complete, under
-    a file lock, so concurrent pytest workers train once and never see half a fixture.
+    Trains through perch.staging.build_once: under a waiting lock, into a temp dir renamed into place
+    when complete, so concurrent pytest workers train once and never see half a fixture.
     """
-    from filelock import FileLock  # a huggingface_hub dependency; cross-platform
-
     key = fixture_key(arch, steps=steps, seed=seed)
-    root = cache_root() / "fixtures"
-    final = root / f"{arch}-{key}"
-    if (final / "fixture.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f"{arch}-{key}.lock")):
-        if (final / "fixture.json").is_file():  # another worker finished while we waited
-            return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".{arch}-{key}-", dir=root))
-        try:
-            train_fixture(arch, tmp, steps=steps, seed=seed)
-            if final.exists():  # a stale, incomplete entry left by hand: replace it
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    final = cache_root() / "fixtures" / f"{arch}-{key}"
+    return build_once(final, lambda tmp: train_fixture(arch, tmp, steps=steps, seed=seed),
+                      lambda d: (d / "fixture.json").is_file())

@@ -9,12 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from perch.errors import PerchError
+from perch.staging import build_once
 
 TINY_VOCAB = 512  # the offline BPE tokenizer's size for tiny presets
 
@@ -39,6 +38,23 @@ _MAMBA_TINY = dict(
     time_step_rank=8, use_conv_bias=True, use_bias=False, mixer_rms_eps=1e-6,
 )
 _SPECIAL = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)
+# Falcon-H1: head_dim set apart from hidden/heads and non-unit µP multipliers (the published checkpoints have
+# both), so a module that ignored either would fail the parity tests. Weights are drawn 5x wider than the
+# 0.02 default: at 0.02 the random conv weights leave the SSM state near 1e-5, below fp16's normal range
+# (6.1e-5), so Core ML's fp16 states would lose ~2% of it to subnormal rounding, an artifact of the preset.
+_H1_TINY = dict(
+    vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=32, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16,
+    mamba_n_groups=1, mamba_d_conv=4, mamba_chunk_size=16, mamba_rms_norm=False, max_position_embeddings=512,
+    embedding_multiplier=5.65, lm_head_multiplier=1.0, key_multiplier=0.4, attention_in_multiplier=1.2,
+    attention_out_multiplier=0.9, ssm_in_multiplier=1.3, ssm_out_multiplier=0.3, mlp_multipliers=[1.1, 0.6],
+    ssm_multipliers=[0.8, 1.5, 1.2, 0.7, 1.1], initializer_range=0.1, tie_word_embeddings=False,
+)
+# Approximate public shapes of Falcon-H1-0.5B / 1.5B (random weights: for speed and memory only).
+_H1_05B = dict(_H1_TINY, vocab_size=32784, hidden_size=1024, intermediate_size=2048, num_hidden_layers=36,
+               num_attention_heads=8, num_key_value_heads=2, head_dim=64, mamba_d_ssm=1536, mamba_n_heads=24,
+               mamba_d_head=64, mamba_d_state=128, mamba_chunk_size=128, max_position_embeddings=16384,
+               lm_head_multiplier=0.04, initializer_range=0.02, rope_parameters={"rope_type": "default", "rope_theta": 1e11})
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -47,6 +63,18 @@ PRESETS: dict[str, Preset] = {
         Preset("falcon40b-tiny", "falcon", {**_FALCON_TINY, **_SPECIAL, "new_decoder_architecture": True,
                "num_attention_heads": 8, "num_kv_heads": 2}, "40B/Falcon2-style grouped attention, 2 KV groups", tags=("tiny",)),
         Preset("falcon-mamba-tiny", "falcon_mamba", {**_MAMBA_TINY, **_SPECIAL}, "Falcon-Mamba, 2 layers", tags=("tiny",)),
+        Preset("falcon-h1-tiny", "falcon_h1", {**_H1_TINY, **_SPECIAL}, "Falcon-H1 hybrid attention + Mamba-2, 2 layers",
+               tags=("tiny",)),
+        Preset("falcon-h1-mid", "falcon_h1", {**_H1_TINY, **_SPECIAL, "vocab_size": 65024, "hidden_size": 1024,
+               "intermediate_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 8, "head_dim": 64,
+               "mamba_d_ssm": 1536, "mamba_n_heads": 24, "mamba_d_head": 64, "mamba_d_state": 64,
+               "max_position_embeddings": 2048}, "mid-size Falcon-H1 (hidden 1024, 8 layers)", tags=("bench",)),
+        Preset("falcon-h1-0.5b", "falcon_h1", {**_H1_05B, **_SPECIAL}, "Falcon-H1-0.5B shapes (0.52B params), random "
+               "weights", dtype="bfloat16", tags=("full",)),
+        Preset("falcon-h1-1.5b", "falcon_h1", {**_H1_05B, **_SPECIAL, "vocab_size": 65537, "hidden_size": 2048,
+               "intermediate_size": 4096, "num_hidden_layers": 24, "head_dim": 128, "mamba_d_ssm": 3072,
+               "mamba_n_heads": 48, "mamba_d_state": 256, "mamba_chunk_size": 256},
+               "Falcon-H1-1.5B shapes (1.48B params), random weights", dtype="bfloat16", tags=("full",)),
         Preset("falcon-mid", "falcon", {**_FALCON_TINY, **_SPECIAL, "vocab_size": 65024, "hidden_size": 1024,
                "num_hidden_layers": 8, "num_attention_heads": 16, "max_position_embeddings": 2048},
                "mid-size 7B-style (hidden 1024, 8 layers) for CPU benchmarks", tags=("bench",)),
@@ -91,24 +119,11 @@ def get(name: str) -> Preset:
 
 
 def preset_dir(name: str, seed: int = 0) -> Path:
-    """The preset's checkpoint directory, written once (atomically) into the cache."""
+    """The preset's checkpoint directory, written once into the cache (perch.staging: locked, atomic)."""
     p = get(name)
     key = hashlib.sha256(json.dumps([p.config, p.tokenizer_vocab, p.dtype, seed], sort_keys=True).encode()).hexdigest()[:10]
     final = cache_root() / "presets" / f"{name}-{key}"
-    if (final / "config.json").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
-    try:
-        write_preset(name, tmp, seed)
-        try:
-            tmp.rename(final)
-        except OSError:  # another process finished first; theirs is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    return build_once(final, lambda tmp: write_preset(name, tmp, seed), lambda d: (d / "config.json").is_file())
 
 
 def write_preset(name: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:

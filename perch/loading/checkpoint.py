@@ -18,6 +18,7 @@ import torch
 
 from perch.archs import arch_for_model_type, detect_arch, translate_config, unsupported
 from perch.loading.bnb import _dequantize_bnb
+from perch.loading.checks import check_state_dict
 from perch.loading.files import arch_entry, read_json, read_tensor_file
 from perch.loading.lora import merge_adapter
 from perch.errors import PerchError
@@ -74,7 +75,8 @@ def load_config(model_dir: str | Path):
     if not isinstance(raw, dict) or "model_type" not in raw:
         raise PerchError(f"{path} has no model_type: not a transformers config; re-save the model with save_pretrained")
     raw.pop("auto_map", None)  # the in-library class replaces any remote code it points to
-    raw = translate_config(raw)
+    raw = _decode_special_floats(translate_config(raw))
+    _check_required(path, raw)
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if raw["model_type"] not in CONFIG_MAPPING:
@@ -85,6 +87,25 @@ def load_config(model_dir: str | Path):
         return CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
     except (TypeError, ValueError) as e:
         raise PerchError(f"{path}: invalid {raw['model_type']} config ({e}); fix or re-save config.json") from e
+
+
+def _decode_special_floats(raw: dict) -> dict:
+    """transformers 5 writes inf/nan as {"__float__": "Infinity"} (Falcon-H1's time_step_limit) and decodes
+    them only in its own file reader: do the same, or the config class rejects the field."""
+    from transformers import PretrainedConfig
+
+    decode = getattr(PretrainedConfig, "_decode_special_floats", None)
+    return decode(raw) if decode is not None else raw
+
+
+def _check_required(path: Path, raw: dict) -> None:
+    """Fields that size the weights must be in config.json itself, never transformers' defaults."""
+    mod = arch_for_model_type(raw["model_type"])
+    missing = [k for k in getattr(mod, "REQUIRED_FIELDS", ()) if k not in raw]
+    if missing:
+        raise PerchError(f"{path} has no {', '.join(missing)}: transformers would fill in its defaults, which do "
+                         "not describe these weights; add them to config.json with the values the model was "
+                         "trained with")
 
 
 def _plain_config(config):
@@ -118,9 +139,13 @@ def _weight_files(model_dir: Path, allow_pickle: bool) -> tuple[str, list[Path]]
 
 def _shards(index: Path) -> list[Path]:
     try:
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (OSError, ValueError, KeyError, AttributeError) as e:
-        raise PerchError(f"{index} is not a valid shard index ({e}); re-download it") from e
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        raise PerchError(f"{index} is not a valid shard index ({type(e).__name__}: {e}); it must be a JSON "
+                         'object {"weight_map": {tensor: shard file}}: re-download it') from e
+    if not names or not all(isinstance(n, str) for n in names):
+        raise PerchError(f"{index} names no shard files (weight_map {weight_map!r:.60}); re-download it")
     missing = [n for n in names if not (index.parent / n).is_file()]
     if missing:
         raise PerchError(f"{index.name} lists shards missing from {index.parent}: {missing}; finish the download")
@@ -220,7 +245,20 @@ def _init_buffers(model, device: torch.device) -> None:
             p._is_hf_initialized = True
         model._init_weights(module)
         if any(torch.isnan(module._buffers[b]).any() for b in meta):
+            _init_from_ancestors(model, name)
+        if any(torch.isnan(module._buffers[b]).any() for b in meta):
             _rebuild_buffers(model, name, module, meta, device)
+
+
+def _init_from_ancestors(model, name: str) -> None:
+    # Some buffers are filled by an enclosing module's `_init_weights` (Falcon-H1's µP `mup_vector` by
+    # FalconH1Model, for every layer's mixer): offer each ancestor, its loaded weights flagged as done.
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        ancestor = model.get_submodule(".".join(parts[:depth]))
+        for p in ancestor.parameters():
+            p._is_hf_initialized = True
+        model._init_weights(ancestor)
 
 
 def _rebuild_buffers(model, name: str, module, buffers: list[str], device: torch.device) -> None:
@@ -262,6 +300,7 @@ def load_checkpoint(model: str | Path, *, allow_pickle: bool = False, adapter: s
     adapter_dir = resolve_model_dir(adapter) if adapter is not None else None
     if adapter_dir is not None:
         state_dict = merge_adapter(state_dict, adapter_dir, config, allow_pickle=allow_pickle)
+    check_state_dict(config, state_dict, where=f"the checkpoint in {model_dir}")
     source = {"model": str(model), "path": str(model_dir), **info,
               "adapter": str(adapter_dir) if adapter_dir else None,
               "dtype": str(dtype).removeprefix("torch.") if dtype is not None else "stored"}

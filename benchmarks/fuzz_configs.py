@@ -1,0 +1,62 @@
+"""Fuzz `perch export` + `perch check` with N seeded random tiny configs (perch.validate.fuzz).
+
+    nice -n 10 python benchmarks/fuzz_configs.py --n 200 --seed 0
+
+Valid configs must export to ONNX and Core ML and pass `perch check`; configs with an unsupported field
+must be refused naming it. Prints tried / exported / refused / wrong, lists every wrong case, and writes
+benchmarks/results/fuzz_configs.json (rewritten after every case, so a long run can be stopped).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from perch.validate.fuzz import run_case, sample, verdict
+
+OUT = Path(__file__).resolve().parent / "results" / "fuzz_configs.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backends", default="onnx,coreml")
+    p.add_argument("--out", type=Path, default=OUT)
+    a = p.parse_args(argv)
+    rng, rows, start = random.Random(a.seed), [], time.time()
+    counts = {"tried": 0, "exported": 0, "refused": 0, "wrong": 0}
+    for i in range(a.n):
+        case = sample(rng)
+        with tempfile.TemporaryDirectory(prefix="perch-fuzz-") as tmp:
+            run_case(case, Path(tmp), backends=tuple(a.backends.split(",")), seed=i)
+        v = verdict(case)
+        counts["tried"] += 1
+        counts[v] += 1
+        rows.append({"i": i, "label": case.label, "refuse": case.refuse, "verdict": v, "results": case.results,
+                     "config": case.config})
+        print(f"{i:4d} {v:9s} {case.label}" + ("" if v != "wrong" else f"  {case.results}"), flush=True)
+        _write(a, counts, rows, time.time() - start)
+    print("\n| tried | exported | refused | wrong |\n|---|---|---|---|")
+    print(f"| {counts['tried']} | {counts['exported']} | {counts['refused']} | {counts['wrong']} |")
+    return 1 if counts["wrong"] else 0
+
+
+def _write(a, counts: dict, rows: list, seconds: float) -> None:
+    import torch
+
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"command": " ".join(["python", *sys.argv]), "seed": a.seed, "n_requested": a.n, "backends": a.backends,
+           "seconds": round(seconds, 1), "machine": platform.platform(), "python": platform.python_version(),
+           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), **counts,
+           "wrong_cases": [r for r in rows if r["verdict"] == "wrong"], "cases": rows}
+    a.out.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Graph rewrites for ONNX Runtime's CPU kernels, applied after tracing (same math, fewer slow kernels).
+
+- Depthwise 1-D convolution (Falcon-Mamba's causal conv, groups = channels, K taps) -> K shifted
+  Slice * per-channel weight, summed, + bias. ORT's Conv runs one tiny GEMM per group: on the decode-step
+  window (1, 2048, 4) it takes ~200 us where Mul + ReduceSum takes ~11 us (measured side by side in one
+  process, 1 thread, onnxruntime 1.32), ~1.6 ms of falcon-mamba-mid's decode step over 8 layers.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def apply(model: ir.Model) -> dict[str, int]:
+    """Rewrite `model` in place; how many nodes each rewrite replaced."""
+    return {"depthwise_conv1d": sum(_depthwise_conv1d(model.graph, n) for n in list(model.graph) if n.op_type == "Conv")}
+
+
+def _const(graph: ir.Graph, name: str, array: np.ndarray | None = None, lazy=None, shape=None, dtype=None) -> ir.Value:
+    if lazy is not None:
+        tensor = ir.LazyTensor(lazy, dtype, ir.Shape(list(shape)), name=name)
+    else:
+        tensor = ir.tensor(array, name=name)
+    v = ir.Value(name=name, shape=ir.Shape(list(tensor.shape)), type=ir.TensorType(tensor.dtype))
+    v.const_value = tensor
+    graph.register_initializer(v)
+    return v
+
+
+def _attr(node: ir.Node, name: str, default):
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def _depthwise_conv1d(graph: ir.Graph, node: ir.Node) -> bool:
+    x, w = node.inputs[0], node.inputs[1]
+    b = node.inputs[2] if len(node.inputs) > 2 else None
+    if w is None or not w.is_initializer() or w.shape is None or len(w.shape) != 3 or w.shape[1] != 1:
+        return False
+    channels, k = int(w.shape[0]), int(w.shape[2])
+    plain = all(list(_attr(node, a, [d] * 2 if a == "pads" else [d])) in ([d], [d] * 2)
+                for a, d in (("strides", 1), ("dilations", 1), ("pads", 0)))
+    if _attr(node, "group", 1) != channels or not plain or _attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        return False
+    if b is not None and not b.is_initializer():
+        return False
+    new, base, dtype = [], node.name or f"conv{id(node)}", w.dtype
+    axes = _const(graph, f"{base}.axes", np.array([2], np.int64))
+    total = None
+    for i in range(k):
+        tap = _const(graph, f"{base}.tap{i}", lazy=lambda i=i: ir.tensor(
+            np.ascontiguousarray(w.const_value.numpy()[:, 0, i].reshape(channels, 1))), shape=(channels, 1), dtype=dtype)
+        start = _const(graph, f"{base}.start{i}", np.array([i], np.int64))
+        end = _const(graph, f"{base}.end{i}", np.array([i - k + 1 if i < k - 1 else INT64_MAX], np.int64))
+        sl = ir.node("Slice", [x, start, end, axes], name=f"{base}.slice{i}")
+        mul = ir.node("Mul", [sl.outputs[0], tap], name=f"{base}.mul{i}")
+        new += [sl, mul]
+        if total is not None:
+            add = ir.node("Add", [total, mul.outputs[0]], name=f"{base}.add{i}")
+            new.append(add)
+            total = add.outputs[0]
+        else:
+            total = mul.outputs[0]
+    if b is not None:
+        bias = _const(graph, f"{base}.bias", lazy=lambda: ir.tensor(
+            np.ascontiguousarray(b.const_value.numpy().reshape(channels, 1))), shape=(channels, 1), dtype=dtype)
+        add = ir.node("Add", [total, bias], name=f"{base}.bias_add")
+        new.append(add)
+        total = add.outputs[0]
+    for n in new:
+        graph.insert_before(node, n)
+    out = node.outputs[0]
+    total.shape, total.type = out.shape, out.type
+    out.replace_all_uses_with(total, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    for v in (w, b):
+        if v is not None and not v.uses() and not v.is_graph_output():
+            graph.initializers.pop(v.name, None)
+    return True

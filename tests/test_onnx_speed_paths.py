@@ -1,0 +1,126 @@
+"""The CPU speed/size paths of the ONNX export: one quantized copy of a tied embedding/lm_head, and the
+session-option workloads. Each must leave the logits exactly as they were (same bytes, same kernels)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from perch.errors import PerchError
+from perch.exporter import onnx_quant, onnx_tie, to_onnx
+from perch.exporter.export import export, options_for
+from perch.runtimes.onnx_session import WORKLOADS
+from perch.runtimes.onnxrt import OnnxRuntime
+
+
+@pytest.fixture(scope="module")
+def int4_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("speed") / "mamba-int4"
+    export("falcon-mamba-tiny", out, options_for("onnx", quantize="int4", max_context=64))
+    return out
+
+
+def _logits(path, workload="generate"):
+    rt = OnnxRuntime(path, threads=1, workload=workload)
+    ids = np.arange(1, 13).reshape(1, 12)
+    first = rt.prefill(ids)
+    return np.concatenate([first[:, -1], rt.step(np.array([7])), rt.step(np.array([9]))])
+
+
+def test_tied_table_is_stored_once(int4_export):
+    model = onnx.load(int4_export / "model.onnx")
+    tables = [i.name for i in model.graph.initializer if i.name.endswith(".q") and i.dims[0] == 512]
+    assert tables == ["core.lm_head.weight.T.q"], tables  # 512 = the tiny vocab: only the head's packed table
+    gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    assert gather.input[2:] == ["core.lm_head.weight.T.scales", "core.lm_head.weight.T.zero_points"]
+    from perch.spec import Manifest
+
+    assert "tied" in Manifest.load(int4_export).quantization["tied_table"]
+
+
+def test_shared_table_changes_no_logit(load_preset, tmp_path):
+    """The same graph quantized with and without sharing gives bit-identical logits."""
+    import onnxruntime as ort
+    import onnx_ir as ir
+    import torch
+
+    ckpt = load_preset("falcon-mamba-tiny")
+    embedding = "backbone.embeddings.weight"
+    assert onnx_tie.is_tied(ckpt.state_dict, embedding)
+    outs = []
+    for share in (False, True):
+        model, io = to_onnx.build_graph(ckpt, 64, torch.float32)
+        onnx_quant.quantize(model, "int4", 32, embedding=to_onnx.PREFIX + embedding)
+        if share:
+            assert onnx_tie.share_tied_table(model, to_onnx.PREFIX, embedding)
+        path = tmp_path / f"m{share}.onnx"
+        ir.save(model, path)
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feeds = {"input_ids": np.arange(1, 9).reshape(1, 8), "attention_mask": np.ones((1, 8), np.int64)}
+        for x in sess.get_inputs()[2:]:
+            feeds[x.name] = np.zeros([1 if isinstance(d, str) else d for d in x.shape], np.float32)
+        outs.append(sess.run(["logits"], feeds)[0])
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_untied_checkpoint_keeps_both_tables(load_preset):
+    ckpt = load_preset("falcon-mamba-tiny")
+    sd = dict(ckpt.state_dict)
+    sd["lm_head.weight"] = sd["lm_head.weight"].clone()  # a separate tensor: untied
+    assert not onnx_tie.is_tied(sd, "backbone.embeddings.weight")
+
+
+@pytest.mark.parametrize("workload", sorted(WORKLOADS))
+def test_every_workload_gives_the_same_logits(int4_export, workload):
+    np.testing.assert_array_equal(_logits(int4_export, workload), _logits(int4_export, "ort-default"))
+
+
+def test_unknown_workload_is_refused_by_name(int4_export):
+    with pytest.raises(PerchError, match="workload 'fast'.*generate"):
+        OnnxRuntime(int4_export, workload="fast")
+
+
+def test_chunked_prefill_continues_the_state(int4_export):
+    """A Falcon-Mamba prompt fed in chunks gives the logits of one call (the state carries over)."""
+    ids = np.arange(1, 14).reshape(1, 13)
+    whole = OnnxRuntime(int4_export, threads=1)
+    whole.prefill_chunk = 1 << 20
+    chunked = OnnxRuntime(int4_export, threads=1)
+    chunked.prefill_chunk = 4
+    a, b = whole.prefill(ids), chunked.prefill(ids)
+    assert a.shape == b.shape == (1, 13, 512)
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    np.testing.assert_allclose(whole.step(np.array([3])), chunked.step(np.array([3])), atol=1e-4)
+
+
+def test_depthwise_conv_is_rewritten_and_exact(load_preset, tmp_path):
+    """Falcon-Mamba's causal conv leaves the graph as Slice/Mul/Add, with the logits of the Conv graph."""
+    import onnxruntime as ort
+    import onnx_ir as ir
+    import torch
+
+    from perch.exporter import onnx_fuse
+
+    ckpt = load_preset("falcon-mamba-tiny")
+    outs = []
+    for rewrite in (False, True):
+        real = onnx_fuse.apply
+        if not rewrite:
+            onnx_fuse.apply = lambda model: {}
+        try:
+            model, _ = to_onnx.build_graph(ckpt, 64, torch.float32)
+        finally:
+            onnx_fuse.apply = real
+        assert any(n.op_type == "Conv" for n in model.graph) != rewrite
+        path = tmp_path / f"c{rewrite}.onnx"
+        ir.save(model, path)
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for t in (7, 1):  # a prefill and a decode-sized call
+            feeds = {"input_ids": np.arange(1, t + 1).reshape(1, t), "attention_mask": np.ones((1, t), np.int64)}
+            for i, x in enumerate(sess.get_inputs()[2:]):
+                shape = [1 if isinstance(d, str) else d for d in x.shape]
+                feeds[x.name] = np.random.default_rng(i).standard_normal(shape).astype(np.float32)
+            outs.append(sess.run(None, feeds))
+    for a, b in zip(outs[:2], outs[2:]):
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)

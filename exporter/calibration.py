@@ -6,12 +6,14 @@ quality benchmark scores text the quantizer did not see. transformers' own model
 CPU, CALIBRATION_CHUNKS windows of CHUNK tokens, each from an empty cache.
 
 Memory: the model in fp32 plus one K x K float64 sum per linear layer: fine for fixtures and small models;
-`check_fits` refuses, by name, a model too large to calibrate here (use `--quantize int4-search`).
+a model too large to calibrate here falls back to the scale search with a warning (the manifest says so),
+so the default int4 still exports a 7B model on a 24 GiB machine; `check_fits` refuses instead.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,15 +56,22 @@ def _available_bytes() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # no /proc (macOS): total memory
 
 
-def check_fits(ckpt) -> None:
+def too_large(ckpt) -> str | None:
+    """Why this model cannot be calibrated in the memory available now, or None when it can."""
     params = sum(t.numel() for t in ckpt.state_dict.values())
     widest = max((t.shape[1] for t in ckpt.state_dict.values() if t.ndim == 2), default=0)
     need = 4 * params + 8 * widest * widest * (ckpt.config.num_hidden_layers * 4 + 1)
     avail = _available_bytes()
     if need > FIT_FRACTION * avail:
-        raise PerchError(f"calibrating this model needs ~{need / 2**30:.1f} GiB (fp32 model + input Hessians), "
-                         f"{avail / 2**30:.1f} GiB is free: use --quantize int4-search (no calibration), or "
-                         "export on a larger machine")
+        return (f"calibrating needs ~{need / 2**30:.1f} GiB (fp32 model + input Hessians) and "
+                f"{avail / 2**30:.1f} GiB is free")
+    return None
+
+
+def check_fits(ckpt) -> None:
+    why = too_large(ckpt)
+    if why:
+        raise PerchError(f"{why}: use --quantize int4-search (no calibration), or export on a larger machine")
 
 
 def _windows(ckpt, text: str, chunks: int) -> np.ndarray:
@@ -121,5 +130,10 @@ def calibration_for(ckpt, options) -> Calibration | None:
 
     rec = RECIPES.get(options.quantize)
     if rec is None or not rec.calibration:
+        return None
+    why = too_large(ckpt) if getattr(options, "calibration", None) is None else None
+    if why:  # the default int4 must still export a 7B on a laptop: the scale search, said out loud
+        warnings.warn(f"{options.quantize}: {why}, so its linear layers use the scale search (as int4-search); "
+                      "the manifest records it", stacklevel=2)
         return None
     return calibrate(ckpt, getattr(options, "calibration", None))

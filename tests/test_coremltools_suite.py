@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # ~3 min of CPU over 2 shards; also run as tests/coremltools_suite/ct_suite.py
+
 sys.path.insert(0, str(Path(__file__).resolve().parent / "coremltools_suite"))
-import run as suite  # noqa: E402  (tests/coremltools_suite/run.py)
+import ct_suite as suite  # noqa: E402  (tests/coremltools_suite/ct_suite.py)
 
 
 def read_known(path: Path = suite.KNOWN_FAILURES) -> tuple[list[tuple[str, str, str]], dict[str, str]]:

@@ -1,6 +1,6 @@
 """Run coremltools' own torch-frontend tests against Perch's MIL executor, and summarise the outcome.
 
-    python tests/coremltools_suite/run.py [--selection FILE] [--shards N] [--out results.json]
+    python tests/coremltools_suite/ct_suite.py [--selection FILE] [--shards N] [--out results.json]
 
 Each shard is one pytest process over coremltools' test modules (shipped in the wheel) with
 `ct_executor_plugin` loaded; shard i runs every N-th selected test, so N shards use N cores. The merged

@@ -87,7 +87,7 @@ def child(preset: str, precision: str, max_context: int | None, work: Path, mode
     """One conversion in this process; returns its measurements."""
     import torch
 
-    from perch.exporter.export import ExportOptions, export
+    from perch.exporter.export import export, options_for
     from perch.loading import load_checkpoint
     from perch.dev.presets import preset_dir
 
@@ -100,7 +100,7 @@ def child(preset: str, precision: str, max_context: int | None, work: Path, mode
     params = sum(v.numel() for v in unique)
     weight_bytes = params * (2 if PRECISIONS[precision][0] == "fp16" else 4)  # as converted
     dtype, quantize = PRECISIONS[precision]
-    options = ExportOptions(to="coreml", dtype=dtype, quantize=quantize, max_context=max_context)
+    options = options_for("coreml", precision=dtype, quantize=quantize, max_context=max_context)
     out = work / f"{preset}-{precision}"
     t1 = time.perf_counter()
     with torch.no_grad():

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
-from perch.exporter.export import ExportOptions, export  # noqa: E402
+from perch.exporter.export import export, options_for  # noqa: E402
 from perch.dev.fixtures import fixture_dir  # noqa: E402
 from perch.loading import load_checkpoint  # noqa: E402
 from perch.dev.tokenizer import split_corpus  # noqa: E402
@@ -75,7 +75,7 @@ def measure(model_dir: Path, heldout: np.ndarray, prompt: np.ndarray, work: Path
     for backend, dtype, quant in CASES:
         out = work / f"{backend}-{dtype}-{quant}"
         t0 = time.perf_counter()
-        export(ckpt, out, ExportOptions(to=backend, dtype=dtype, quantize=quant, max_context=256))
+        export(ckpt, out, options_for(backend, precision=dtype, quantize=quant, max_context=256))
         rt = open_artifact(out)
         art = teacher_forced(rt, heldout)
         rows.append({"backend": backend, "precision": dtype, "quantize": quant,

@@ -4,7 +4,7 @@ Random weights in bf16, batch 1, built directly on the GPU (no checkpoint on dis
 same weight tensors and run behind the same Runtime step API, timed by `perch.validate.speed.measure` (warm-up,
 median of repeats). Also prints how far the fast path's logits are from transformers' on the same tokens.
 Targets (issue 5): Falcon-7B <= 8 ms/token (transformers ~26 ms), Falcon-Mamba-7B <= 10 ms/token
-(transformers ~127 ms); the bandwidth floor is ~4.6 ms (GPU.md).
+(transformers ~127 ms); the bandwidth floor is ~4.6 ms (docs/traps.md).
 
     python benchmarks/gpu_reference.py [--presets falcon-7b falcon-mamba-7b] [--prompt 512] [--steps 64]
                                        [--json $OUT/gpu_reference.json]

@@ -1,10 +1,10 @@
 """Measure the fidelity of correct exports at each precision, to set validate/tolerances.py defaults.
 
-Trained fixtures (perch.dev.fixtures, flat random logits say nothing about quantization), Perch's own eager
-module with weights round-tripped through each quantization scheme (the schemes the exporters use) against
+Trained fixtures (perch.dev.fixtures, flat random logits say nothing about quantization): Perch's own eager
+module at fp32/fp16/fp16-state, and real exports through the exporters' own quantizers, against
 transformers fp32. Prints one row per (arch, precision) and, for comparison, the same numbers for
 deliberately broken models. Usage: OMP_NUM_THREADS=1 python benchmarks/measure_tolerances.py [--json OUT]
-(trains the two fixtures on first use, a few minutes each; then ~1 minute).
+(trains the fixtures on first use, a few minutes each; the exports take several minutes more).
 """
 from __future__ import annotations
 
@@ -13,15 +13,16 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 from perch.runtimes.pytorch.eager import EagerRuntime  # noqa: E402
+from perch.archs import ARCH_MODULES  # noqa: E402
 from perch.dev.fixtures import fixture_dir  # noqa: E402
 from perch.loading import Checkpoint, load_checkpoint  # noqa: E402
 from perch.runtimes.pytorch.reference import ReferenceRuntime  # noqa: E402
 from perch.validate.artifact import DEFAULT_PROMPTS, tokenize  # noqa: E402
+from perch.validate.controls import DroppedStateWrite, Fp16State, ShiftedDecode, has_positions, perturbed  # noqa: E402
 from perch.validate.runner import check  # noqa: E402
 from perch.validate.tolerances import Tolerances, tolerance_for_precision  # noqa: E402
 
@@ -35,85 +36,21 @@ EXTRA_PROMPTS = (
 NO_LIMITS = Tolerances("measure", *([None] * 9))
 
 
-def quantize_linear_int(w: torch.Tensor, bits: int, block: int | None) -> torch.Tensor:
-    """Symmetric round-to-nearest: per output channel (block=None) or per block of `block` inputs."""
-    qmax = 2 ** (bits - 1) - 1
-    rows, cols = w.shape
-    block = block if block and cols % block == 0 else None  # a narrow matrix (Mamba's dt_proj): per channel
-    g = w.float().reshape(rows, -1, block) if block else w.float().reshape(rows, 1, cols)
-    scale = g.abs().amax(-1, keepdim=True).clamp_min(1e-12) / qmax
-    return (torch.round(g / scale).clamp(-qmax - 1, qmax) * scale).reshape(rows, cols).to(w.dtype)
-
-
-def palettize(w: torch.Tensor, bits: int = 4, iters: int = 20) -> torch.Tensor:
-    """Per-tensor k-means LUT of 2**bits entries (coremltools' default palettization granularity)."""
-    x = w.float().reshape(-1).numpy().astype(np.float64)
-    centers = np.quantile(x, (np.arange(2**bits) + 0.5) / 2**bits)
-    for _ in range(iters):
-        idx = np.abs(x[:, None] - centers[None]).argmin(1)
-        for k in range(len(centers)):
-            if (idx == k).any():
-                centers[k] = x[idx == k].mean()
-    idx = np.abs(x[:, None] - centers[None]).argmin(1)
-    return torch.from_numpy(centers[idx].reshape(w.shape)).to(w.dtype)
-
-
-def quantized(ckpt: Checkpoint, scheme: str) -> Checkpoint:
-    """Every 2-D weight (linear layers, embedding, lm_head) round-tripped through `scheme`."""
-    fn = {"int8": lambda w: quantize_linear_int(w, 8, None), "int4": lambda w: quantize_linear_int(w, 4, 32),
-          "palettize4": palettize}[scheme]
-    sd = {k: fn(v) if v.ndim == 2 and v.is_floating_point() else v for k, v in ckpt.state_dict.items()}
-    return Checkpoint(ckpt.model_dir, ckpt.config, ckpt.arch, sd, ckpt.source)
-
-
-class Fp16State(EagerRuntime):
-    """fp32 compute, state rounded to fp16 between calls: what Core ML's fp16-only states do."""
-
-    def _forward(self, ids, mask, pos):
-        out = super()._forward(ids, mask, pos)
-        self.past = {k: v.half().float() for k, v in self.past.items()}
-        return out
-
-
-class ShiftDecode(EagerRuntime):
-    def _forward(self, ids, mask, pos):
-        return super()._forward(ids, mask, pos + 1 if ids.shape[1] == 1 else pos)
-
-
-class DropWrite(EagerRuntime):
-    def _forward(self, ids, mask, pos):
-        old = dict(self.past)
-        out = super()._forward(ids, mask, pos)
-        for k in [k for k in old if k.endswith(".1")]:
-            new = self.past[k]
-            grow = new.shape[2] - old[k].shape[2] if new.ndim == 4 and new.shape != old[k].shape else 0
-            self.past[k] = torch.cat([old[k], torch.zeros_like(new[:, :, -grow:])], 2) if grow else old[k]
-        return out
-
-
-def perturbed(ckpt: Checkpoint, scale: float = 1.02) -> Checkpoint:
-    sd = dict(ckpt.state_dict)
-    key = next(k for k in sd if ".1." in k and k.endswith("weight") and sd[k].ndim == 2)
-    sd[key] = sd[key] * scale
-    return Checkpoint(ckpt.model_dir, ckpt.config, ckpt.arch, sd, ckpt.source)
-
-
 def variants(ckpt: Checkpoint, ctx: int) -> dict:
+    """Eager precisions and the negative controls; quantized rows come from the real exporters (artifacts)."""
+    shifted = ShiftedDecode(ckpt, max_context=ctx)
     return {
         "fp32": lambda: EagerRuntime(ckpt, max_context=ctx),
         "fp16": lambda: EagerRuntime(ckpt, max_context=ctx, dtype=torch.float16),
         "bf16 (transformers)": lambda: ReferenceRuntime(ckpt, max_context=ctx, dtype=torch.bfloat16),
         "fp32+fp16state": lambda: Fp16State(ckpt, max_context=ctx),
-        "int8": lambda: EagerRuntime(quantized(ckpt, "int8"), max_context=ctx),
-        "int4": lambda: EagerRuntime(quantized(ckpt, "int4"), max_context=ctx),
-        "palettize4": lambda: EagerRuntime(quantized(ckpt, "palettize4"), max_context=ctx),
-        "BROKEN shift-decode-position": lambda: ShiftDecode(ckpt, max_context=ctx) if ckpt.arch == "falcon" else None,
-        "BROKEN dropped-state-write-L1": lambda: DropWrite(ckpt, max_context=ctx),
-        "BROKEN weight*1.02-L1": lambda: EagerRuntime(perturbed(ckpt), max_context=ctx),
+        "BROKEN shift-decode-position": lambda: shifted if has_positions(shifted) else None,
+        "BROKEN dropped-state-write-L1": lambda: DroppedStateWrite(ckpt, max_context=ctx),
+        "BROKEN weight*1.02-L1": lambda: EagerRuntime(perturbed(ckpt, scale=1.02), max_context=ctx),
     }
 
 
-# Real exports of the fixtures: (format, --dtype / compute precision, --quantize).
+# Real exports of the fixtures: (format, --precision, --quantize).
 ARTIFACTS = (("onnx", "fp32", "none"), ("onnx", "fp16", "none"), ("onnx", "fp32", "int8"), ("onnx", "fp32", "int4"),
              ("coreml", "fp32", "none"), ("coreml", "fp16", "none"), ("coreml", "fp16", "int8"),
              ("coreml", "fp16", "int4"), ("coreml", "fp16", "palettize4"))
@@ -121,12 +58,12 @@ ARTIFACTS = (("onnx", "fp32", "none"), ("onnx", "fp16", "none"), ("onnx", "fp32"
 
 def artifacts(ckpt: Checkpoint, ctx: int, tmp: Path) -> dict:
     """name -> factory exporting the fixture with the real exporter and opening it with its runtime."""
-    from perch.exporter.export import ExportOptions, export
+    from perch.exporter.export import export, options_for
     from perch.runtimes import open_artifact
 
     def make(fmt, dtype, quant):
         out = tmp / f"{ckpt.arch}-{fmt}-{dtype}-{quant}"
-        export(ckpt, out, ExportOptions(to=fmt, dtype=dtype, quantize=quant, max_context=ctx))
+        export(ckpt, out, options_for(fmt, precision=dtype, quantize=quant, max_context=ctx))
         return open_artifact(out)
 
     return {f"{fmt} {dtype} {quant}": (lambda f=fmt, d=dtype, q=quant: make(f, d, q))
@@ -179,8 +116,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--artifacts", action="store_true", help="also export the fixtures for real (ONNX, Core ML)")
-    ap.add_argument("--archs", nargs="+", default=["falcon", "falcon_mamba"])
+    ap.add_argument("--eager-only", action="store_true", help="skip the real exports (quantized rows need them)")
+    ap.add_argument("--archs", nargs="+", default=list(ARCH_MODULES))
     a = ap.parse_args()
     rows = {}
     keys = ("max_abs", "rel_l2", "cosine", "max_kl", "mean_kl", "top1", "top5", "greedy_match", "state_rel_l2")
@@ -190,7 +127,7 @@ def main() -> int:
         ckpt = load_checkpoint(fixture_dir(arch))
         ref = ReferenceRuntime(ckpt, max_context=256)
         ids = tokenize(list(DEFAULT_PROMPTS + EXTRA_PROMPTS), [ckpt.model_dir], ckpt.config.vocab_size, 200)
-        todo = {**variants(ckpt, 256), **(artifacts(ckpt, 256, tmp) if a.artifacts else {})}
+        todo = {**variants(ckpt, 256), **({} if a.eager_only else artifacts(ckpt, 256, tmp))}
         for name, make in todo.items():
             art = make()
             if art is None:

@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# name -> ExportOptions fields; "reference" is transformers in PyTorch fp32 (no export).
+# name -> OnnxOptions fields; "reference" is transformers in PyTorch fp32 (no export).
 EXPORTS = {
-    "onnx-fp32": dict(dtype="fp32"),
+    "onnx-fp32": dict(precision="fp32"),
     "onnx-int4": dict(quantize="int4", block_size=32),
     "onnx-int8": dict(quantize="int8", block_size=32),
     "onnx-int4-inplace": dict(quantize="int4", block_size=32, variant="inplace"),
@@ -45,15 +45,15 @@ def _peak_mb() -> int:
 
 
 def child_export(preset: str, name: str, max_context: int, work: Path) -> dict:
-    from perch.exporter.export import ExportOptions, export
+    from perch.exporter.export import export, options_for
     from perch.loading import load_checkpoint
     from perch.dev.presets import preset_dir
 
     t0 = time.perf_counter()
     ckpt = load_checkpoint(preset_dir(preset), dtype=None)  # stored dtype, memory-mapped: no extra copy
-    manifest = export(ckpt, work / name, ExportOptions(to="onnx", max_context=max_context, **EXPORTS[name]))
+    manifest = export(ckpt, work / name, options_for("onnx", max_context=max_context, **EXPORTS[name]))
     return {"export_s": round(time.perf_counter() - t0, 2), "export_peak_rss_mb": _peak_mb(),
-            "model_mb": round(manifest.extras["model_bytes"] / 2**20, 1), "variant": manifest.extras["variant"]}
+            "model_mb": round(manifest.model_bytes / 2**20, 1), "variant": manifest.variant}
 
 
 def child_run(preset: str, name: str, work: Path, threads: int, prompt: int, steps: int, repeats: int) -> dict:

@@ -2,7 +2,7 @@
 # CI parity gate: export MODEL, then `perch check` it against its reference; the build fails when the
 # check fails. Exit codes are perch's: 0 pass, 1 fidelity/speed check failed, 2 bad input.
 #
-#   examples/ci_parity_gate.sh MODEL [--to onnx|coreml] [--quantize Q] [--dtype fp32|fp16]
+#   examples/ci_parity_gate.sh MODEL [--to onnx|coreml] [--quantize Q] [--precision fp32|fp16]
 #                              [--reference MODEL] [--out DIR] [--report DIR] [--max-new-tokens N] [--no-export]
 #
 # --no-export checks the artifact already in --out (exported by an earlier CI step) instead of exporting.
@@ -21,7 +21,7 @@ while [[ $# -gt 0 ]]; do
   case $1 in
     --to) to=$2 ;;
     --quantize) quantize=$2 ;;
-    --dtype) dtype=$2 ;;
+    --precision) dtype=$2 ;;
     --reference) reference=$2 ;;
     --out) out=$2 ;;
     --report) report=$2 ;;
@@ -31,13 +31,10 @@ while [[ $# -gt 0 ]]; do
   shift 2
 done
 
-# Core ML calls its precision --compute-precision; ONNX calls it --dtype.
-precision_flag=--dtype
-[[ $to == coreml ]] && precision_flag=--compute-precision
 
 if [[ $export_it == 1 ]]; then
   echo "== export $model -> $out ($to, $dtype, quantize=$quantize)"
-  perch export "$model" --to "$to" "$precision_flag" "$dtype" --quantize "$quantize" --out "$out" --overwrite
+  perch export "$model" --to "$to" --precision "$dtype" --quantize "$quantize" --out "$out" --overwrite
 fi
 
 echo "== perch check $out"

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from perch.exporter.export import ExportOptions, export
+from perch.exporter.export import export, options_for
 from perch.cli import main as perch_main
 from perch.errors import PerchError
 from perch.spec import Manifest
@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="checkpoint directory, cached hub id or preset name")
     p.add_argument("--out", required=True, help="artifact directory to write (holds model.mlpackage)")
     p.add_argument("--quantize", default="int4", choices=["int4", "int8", "palettize4", "none"])
-    p.add_argument("--compute-precision", default="fp16", choices=["fp16", "fp32"],
+    p.add_argument("--precision", default="fp16", choices=["fp16", "fp32"],
                    help="fp16 is what the GPU and Neural Engine run")
     p.add_argument("--max-context", type=int, help="longest context the app needs (the K,V cache is this long)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="decode steps `perch check` compares")
@@ -69,10 +69,9 @@ def print_app_side(out: Path, manifest: Manifest) -> None:
         print(f"{group}:")
         for line in lines:
             print(f"  {line}")
-    names = manifest.extras
-    print("swift-transformers keys (manifest extras): "
-          f"inputs {names.get('inputs')}, states {names.get('states')}, outputs {names.get('outputs')}")
-    print(f"deployment target {names.get('deployment_target')}, max context {manifest.max_context}, "
+    print("swift-transformers keys (manifest bindings): "
+          f"inputs {manifest.names('input')}, states {manifest.names('state')}, outputs {manifest.names('output')}")
+    print(f"deployment target {manifest.extras.get('deployment_target')}, max context {manifest.max_context}, "
           f"quantization {manifest.quantization.get('method')} {manifest.quantization.get('granularity', '')}".rstrip())
     side = [n for n in (*manifest.tokenizer_files, "config.json", "generation_config.json") if (out / n).is_file()]
     print(f"tokenizer and config files next to the package: {', '.join(side)}")
@@ -82,13 +81,13 @@ def print_app_side(out: Path, manifest: Manifest) -> None:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     out = Path(a.out)
-    opts = ExportOptions(to="coreml", dtype=a.compute_precision, quantize=a.quantize, max_context=a.max_context)
+    opts = options_for("coreml", precision=a.precision, quantize=a.quantize, max_context=a.max_context)
     try:
         manifest = export(a.model, out, opts, overwrite=a.overwrite)
     except PerchError as e:
         print(f"coreml_app: {e}", file=sys.stderr)
         return e.exit_code
-    print(f"exported {out / manifest.model_file}: {manifest.arch}, compute {a.compute_precision}, "
+    print(f"exported {out / manifest.model_file}: {manifest.arch}, compute {a.precision}, "
           f"quantize {a.quantize}, max context {manifest.max_context}")
     # The same code path as the `perch check` command line, so its exit code means the same thing.
     check_args = ["check", str(out), "--max-new-tokens", str(a.max_new_tokens)]

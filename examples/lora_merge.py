@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from perch.exporter.export import ExportOptions, export
+from perch.exporter.export import export, options_for
 from perch.cli import main as perch_main
 from perch.errors import PerchError
 from perch.dev.presets import resolve_model
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base = Path(resolve_model(a.model))
         model, tok = train_adapter(base, out / "adapter", a.steps, a.rank, a.lr)
-        m = export(base, out / "export", ExportOptions(to=a.to), adapter=out / "adapter", overwrite=True)
+        m = export(base, out / "export", options_for(a.to), adapter=out / "adapter", overwrite=True)
     except PerchError as e:
         print(f"lora_merge: {e}", file=sys.stderr)
         return e.exit_code

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from perch.exporter.export import ExportOptions, export
+from perch.exporter.export import export, options_for
 from perch.errors import PerchError
 from perch.runtimes import open_artifact
 
-PRECISIONS = {"fp16": dict(dtype="fp16"), "int4": dict(dtype="fp32", quantize="int4"), "fp32": dict(dtype="fp32")}
+PRECISIONS = {"fp16": dict(precision="fp16"), "int4": dict(precision="fp32", quantize="int4"), "fp32": dict(precision="fp32")}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         for model in a.model:
             for precision in a.precision or ["fp16", "int4"]:
                 out = Path(a.out) / f"{Path(model).name}-{precision}"
-                opts = ExportOptions(to="onnx", max_context=a.max_context, **PRECISIONS[precision])
+                opts = options_for("onnx", max_context=a.max_context, **PRECISIONS[precision])
                 t = time.perf_counter()
                 m = export(model, out, opts, overwrite=a.overwrite)
                 print(f"exported {out}: {m.arch} {precision} ({time.perf_counter() - t:.1f} s)")

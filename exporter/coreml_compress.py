@@ -5,7 +5,7 @@
 - palettize4: a 16-entry look-up table per group of 16 output channels (`constexpr_lut_to_dense`), found by
   k-means when scikit-learn is importable, else spread uniformly over each group's range.
 
-Why scoped: a global config also compresses the rotary cos/sin tables (FINDINGS), and exact positions are
+Why scoped: a global config also compresses the rotary cos/sin tables (docs/traps.md, Core ML), and exact positions are
 what long contexts depend on; norms and the Mamba conv kernels are tiny and sensitive. The manifest records
 what was compressed and what was left alone, and why.
 """

@@ -7,17 +7,14 @@ the new K,V at positions [total - T, total) and attends over [0, total). Left pa
 attention bias (the same mask as the default graph); rotary is applied before the op, by our module, so
 positions follow `position_ids` exactly as in the default graph.
 
-Falcon only: Falcon-Mamba's conv and SSM states are already fixed-size, so its default graph is what runs.
+For architectures with the "inplace" front-end (Falcon); Falcon-Mamba's states are fixed-size already.
 """
 from __future__ import annotations
-
-from dataclasses import replace
 
 import torch
 from torch import nn
 
-from perch.archs import falcon
-from perch.spec import ModelIO
+from perch.archs.masks import additive_mask
 
 # The optional GroupQueryAttention inputs between the required ones and attention_bias (opset com.microsoft 1):
 # cos_cache, sin_cache, position_ids. We leave them empty: rotary happens in our module.
@@ -38,7 +35,7 @@ def group_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
     present_k, present_v = past_key.clone(), past_value.clone()
     present_k[:, :, total - t : total] = k_new
     present_v[:, :, total - t : total] = v_new
-    causal = falcon.additive_mask(torch.ones(b, total, dtype=torch.long), t).to(bias.dtype)
+    causal = additive_mask(torch.ones(b, total, dtype=torch.long), t).to(bias.dtype)
     g = num_heads // kv_num_heads
     q = query.view(b, t, num_heads, hd).transpose(1, 2).reshape(b, kv_num_heads, g * t, hd) * hd**-0.5
     scores = (q @ present_k[:, :, :total].transpose(-1, -2)).view(b, kv_num_heads, g, t, total)
@@ -93,19 +90,20 @@ def _gqa_onnx(query, key, value, past_key, past_value, bias, num_heads: int, kv_
 TRANSLATIONS = {torch.ops.perch.group_query_attention.default: _gqa_onnx}
 
 
-class FalconInplace(nn.Module):
+class Inplace(nn.Module):
     """(input_ids, attention_mask (B, total), position_ids, k0, v0, k1, ...) -> (logits, present k0, v0, ...).
 
     The K,V inputs are (B, nkv, max_context, hd) buffers; the presents have the same shape and are meant to
-    be bound to the same memory. Reuses the core's layers, so the math is the default graph's.
+    be bound to the same memory. Any core whose forward takes an `attend` cache policy (an architecture
+    that lists the "inplace" front-end) runs unchanged: this is only that policy.
     """
 
-    def __init__(self, core: falcon.FalconCore):
+    def __init__(self, core):
         super().__init__()
         self.core = core
 
     def forward(self, input_ids, attention_mask, position_ids, *buffers):
-        bias = falcon.additive_mask(attention_mask, input_ids.shape[1])  # (B, 1, T, total)
+        bias = additive_mask(attention_mask, input_ids.shape[1])  # (B, 1, T, total)
         present: list[torch.Tensor] = []
 
         def attend(i, attn, q, k, v, mask):  # q (B, nh, T, hd); k, v (B, nkv, T, hd)
@@ -117,9 +115,3 @@ class FalconInplace(nn.Module):
             return out
 
         return (self.core.run(input_ids, position_ids, bias, attend), *present)
-
-
-def inplace_io(io: ModelIO, max_context: int) -> ModelIO:
-    """The default ModelIO with each state's growing "context" axis fixed to the buffer size."""
-    states = tuple(replace(s, shape=tuple(max_context if a == "context" else a for a in s.shape)) for s in io.states)
-    return replace(io, states=states)

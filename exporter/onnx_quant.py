@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 MSFT = "com.microsoft"
 BITS = {"int4": 4, "int8": 8}
-# Activations quantized to int8 inside MatMulNBits: the fastest CPU kernel (FINDINGS: 2-5x over fp32). With
+# Activations quantized to int8 inside MatMulNBits: the fastest CPU kernel (docs/traps.md, ONNX: 2-5x over fp32). With
 # float activations (level 1) 8-bit weights take a slow path: 360 ms vs 11 ms for 8 1024x4096 MatMuls here.
 ACCURACY_LEVEL = 4
 ROWS_PER_CHUNK = 4096  # bounds the float temporaries while quantizing a (vocab, hidden) head

@@ -6,9 +6,10 @@ ct.convert with fp16 `StateType`s and a ranged query length -> optional weight c
 converted twice (prefill: ranged length; decode: one token) and merged; `save_multifunction` then stores
 each shared weight once, and both functions read and write the same states.
 
-Falcon: inputs `inputIds` (B, 1..max) int32 and `causalMask` (B, 1, T, end) fp16 additive; the new tokens
-sit at positions end-T..end-1, so one package serves prefill, decode and further chunks. Falcon-Mamba:
-input `inputIds` only; every call continues from `convState`/`ssmState`. Output `logits` (B, T, vocab).
+Names come from one naming function (`bindings`) over the architecture's "stateful" I/O spec: `inputIds`
+(B, 1..max) int32, `causalMask` (B, 1, T, end) fp16 additive when the architecture attends (its length
+places the new tokens at end-T..end-1, so one package serves prefill, decode and further chunks), states
+`keyCache`/`valueCache` or `{kind}State`, output `logits` (B, T, vocab).
 """
 from __future__ import annotations
 
@@ -22,16 +23,17 @@ import torch
 from torch import nn
 
 from perch.exporter.coreml_compress import apply_compression, plan_compression
-from perch.exporter.export import ExportOptions
 from perch.archs import arch_module
 from perch.errors import PerchError
+from perch.exporter.options import CoreMLOptions
 from perch.loading import Checkpoint
-from perch.spec import Manifest
+from perch.spec import Binding, Manifest, ModelIO
 
 PACKAGE = "model.mlpackage"
 TARGET = "iOS18"
 STATE_DTYPE = torch.float16  # Core ML states must be fp16 ("State only support fp16 dtype")
-INPUT_IDS, CAUSAL_MASK, LOGITS = "inputIds", "causalMask", "logits"
+# The Core ML naming function's table: Apple's stateful-LLM recipe names, which swift-transformers detects.
+NAMES = {"input_ids": "inputIds", "causal_mask": "causalMask", "logits": "logits"}
 # Deployment targets by name, oldest first; states need iOS18 / macOS15 (specification version 9).
 TARGETS = ("iOS15", "macOS12", "iOS16", "macOS13", "iOS17", "macOS14", "iOS18", "macOS15")
 STATE_TARGETS = ("iOS18", "macOS15")
@@ -82,8 +84,21 @@ def _patch_frontend() -> None:
         context.add(mb.layer_norm(x=x, axes=axes, gamma=gamma, beta=beta, epsilon=eps, name=node.name))
 
 
-def stateful_module(ckpt: Checkpoint, max_context: int, batch_size: int, dtype: torch.dtype) -> nn.Module:
-    """The architecture's Stateful module with weights cast to `dtype` once each (tied tensors stay tied)."""
+def state_name(kind: str) -> str:
+    """keyCache / valueCache for K,V (what swift-transformers looks for), {kind}State for any other state."""
+    return {"key": "keyCache", "value": "valueCache"}.get(kind, f"{kind}State")
+
+
+def bindings(io: ModelIO, profile: str = "default") -> tuple[Binding, ...]:
+    """Canonical I/O -> Core ML features and layer-stacked states (layers first)."""
+    out = [Binding(t.name, NAMES[t.name], "input", t.shape, t.dtype) for t in io.inputs]
+    out += [Binding(t.name, NAMES[t.name], "output", t.shape, t.dtype) for t in io.outputs]
+    out += [Binding(s.kind, state_name(s.kind), "state", (s.num_layers, *s.shape), "float16") for s in io.states]
+    return tuple(out)
+
+
+def stateful_module(ckpt: Checkpoint, io: ModelIO, max_context: int, batch_size: int, dtype: torch.dtype) -> nn.Module:
+    """The architecture's stateful module with weights cast to `dtype` once each (tied tensors stay tied)."""
     mod = arch_module(ckpt.arch)
     cast: dict[int, torch.Tensor] = {}
     for v in ckpt.state_dict.values():
@@ -92,25 +107,28 @@ def stateful_module(ckpt: Checkpoint, max_context: int, batch_size: int, dtype: 
     sd = {k: cast[id(v)] for k, v in ckpt.state_dict.items()}
     del cast
     core = mod.build(ckpt.config, sd, max_context, scan="logdepth")  # logdepth: a fixed, traceable scan
-    return mod.Stateful(core, batch_size, STATE_DTYPE).eval()
+    names = {s.kind: state_name(s.kind) for s in io.states}
+    return mod.stateful(core, batch_size, STATE_DTYPE, names).eval()
 
 
-def example_inputs(arch: str, batch_size: int) -> tuple[torch.Tensor, ...]:
-    """Trace inputs: 2 new tokens after 3 stored ones, so no size is 0 or 1 (those get specialised)."""
-    ids = torch.zeros(batch_size, 2, dtype=torch.int32)
-    return (ids, torch.zeros(batch_size, 1, 2, 5)) if arch == "falcon" else (ids,)
+# Trace sizes: 2 new tokens after 3 stored ones, so no size is 0 or 1 (those get specialised).
+_SAMPLE = {"sequence": 2, "total_sequence": 5}
 
 
-def coreml_inputs(arch: str, batch_size: int, max_context: int, query_len: int | None) -> list:
-    """inputIds (B, T) and, for Falcon, causalMask (B, 1, T, end); T ranged 1..max unless fixed."""
+def example_inputs(io: ModelIO, batch_size: int) -> tuple[torch.Tensor, ...]:
+    sizes = {**_SAMPLE, "batch": batch_size}
+    return tuple(torch.zeros([sizes.get(a, a) for a in t.shape], dtype=getattr(torch, t.dtype)) for t in io.inputs)
+
+
+def coreml_inputs(io: ModelIO, batch_size: int, max_context: int, query_len: int | None) -> list:
+    """One TensorType per input, named by `bindings`; the query length ranged 1..max unless fixed (decode)."""
     import coremltools as ct
 
     t = query_len or ct.RangeDim(lower_bound=1, upper_bound=max_context, default=1)
-    inputs = [ct.TensorType(name=INPUT_IDS, shape=(batch_size, t), dtype=np.int32)]
-    if arch == "falcon":
-        end = ct.RangeDim(lower_bound=1, upper_bound=max_context, default=1)
-        inputs.append(ct.TensorType(name=CAUSAL_MASK, shape=(batch_size, 1, t, end), dtype=np.float16))
-    return inputs
+    dims = {"batch": batch_size, "sequence": t,
+            "total_sequence": ct.RangeDim(lower_bound=1, upper_bound=max_context, default=1)}
+    return [ct.TensorType(name=NAMES[s.name], shape=tuple(dims.get(a, a) for a in s.shape), dtype=np.dtype(s.dtype).type)
+            for s in io.inputs]
 
 
 def coreml_states(module: nn.Module, names: list[str]) -> list:
@@ -120,18 +138,18 @@ def coreml_states(module: nn.Module, names: list[str]) -> list:
             for n in names]
 
 
-def convert_function(traced, module: nn.Module, arch: str, state_names: list[str], max_context: int,
-                     options: ExportOptions, query_len: int | None = None, target: str = TARGET):
+def convert_function(traced, module: nn.Module, io: ModelIO, state_names: list[str], max_context: int,
+                     options: CoreMLOptions, query_len: int | None = None, target: str = TARGET):
     """One Core ML function from the trace: ranged query length, or `query_len` fixed (decode)."""
     import coremltools as ct
 
     ct_target = check_target(target, has_states=bool(state_names))
     _patch_frontend()
-    fp16 = options.dtype == "fp16"
+    fp16 = options.precision == "fp16"
     model = ct.convert(
         traced,
-        inputs=coreml_inputs(arch, options.batch_size, max_context, query_len),
-        outputs=[ct.TensorType(name=LOGITS, dtype=np.float16 if fp16 else np.float32)],
+        inputs=coreml_inputs(io, options.batch_size, max_context, query_len),
+        outputs=[ct.TensorType(name=NAMES[t.name], dtype=np.float16 if fp16 else np.float32) for t in io.outputs],
         states=coreml_states(module, state_names),
         minimum_deployment_target=ct_target,
         compute_precision=ct.precision.FLOAT16 if fp16 else ct.precision.FLOAT32,
@@ -160,7 +178,7 @@ def state_writes(program) -> dict[str, int]:
 
 def check_state_writes(program, state_names: list[str]) -> None:
     """Fail loudly when a state is never written: Core ML drops a write made through a view of a state
-    buffer without any error (FINDINGS), which would make every later call see a stale cache."""
+    buffer without any error (docs/traps.md, Core ML), which would make every later call see a stale cache."""
     counts = state_writes(program)
     unwritten = [n for n in state_names if counts.get(n, 0) == 0]
     if unwritten:
@@ -180,22 +198,24 @@ def weight_kinds(module: nn.Module) -> dict[str, str]:
     return kinds
 
 
-def function_plan(options: ExportOptions) -> dict[str, int | None]:
+def function_plan(options: CoreMLOptions) -> dict[str, int | None]:
     """Function name -> fixed query length (None: ranged). The first is the default function."""
     return {"prefill": None, "decode": 1} if options.multifunction else {"main": None}
 
 
-def convert_functions(ckpt: Checkpoint, options: ExportOptions, max_context: int, state_names: list[str],
+def convert_functions(ckpt: Checkpoint, io: ModelIO, options: CoreMLOptions, max_context: int,
                       plan: dict[str, int | None]) -> tuple[dict, dict[str, str]]:
     """Trace once, convert each planned function. Returns ({name: MLModel}, weight kinds).
 
     The torch module is local: once this returns, the weights live on only in the programs' consts
     (which share the torch storage: one copy) and in each MLModel's saved weights on disk.
     """
-    module = stateful_module(ckpt, max_context, options.batch_size, torch.float16 if options.dtype == "fp16" else torch.float32)
+    dtype = torch.float16 if options.precision == "fp16" else torch.float32
+    module = stateful_module(ckpt, io, max_context, options.batch_size, dtype)
+    state_names = [state_name(s.kind) for s in io.states]
     with torch.inference_mode(False), torch.no_grad():
-        traced = torch.jit.trace(module, example_inputs(ckpt.arch, options.batch_size), check_trace=False)
-    parts = {name: convert_function(traced, module, ckpt.arch, state_names, max_context, options, q)
+        traced = torch.jit.trace(module, example_inputs(io, options.batch_size), check_trace=False)
+    parts = {name: convert_function(traced, module, io, state_names, max_context, options, q)
              for name, q in plan.items()}
     return parts, weight_kinds(module)
 
@@ -210,14 +230,14 @@ def release_program(model) -> None:
     gc.collect()
 
 
-def export(ckpt: Checkpoint, out_dir: str | Path, options: ExportOptions) -> Manifest:
+def export(ckpt: Checkpoint, out_dir: str | Path, options: CoreMLOptions) -> Manifest:
     """Convert `ckpt` into `out_dir/model.mlpackage` and return its manifest (the driver saves it)."""
     out_dir = Path(out_dir)
     max_context = options.context_for(ckpt.config)
-    io = arch_module(ckpt.arch).io_spec(ckpt.config, max_context, state_dtype="float16")
+    io = arch_module(ckpt.arch).io_spec(ckpt.config, max_context, "stateful", state_dtype="float16")
     t0 = time.perf_counter()
     plan = function_plan(options)
-    parts, kinds = convert_functions(ckpt, options, max_context, [s.coreml_name for s in io.states], plan)
+    parts, kinds = convert_functions(ckpt, io, options, max_context, plan)
     quantization: dict = {"method": "none"}
     plans = {}
     if options.quantize != "none":
@@ -231,20 +251,14 @@ def export(ckpt: Checkpoint, out_dir: str | Path, options: ExportOptions) -> Man
             release_program(parts[name])
     _save(parts, out_dir / PACKAGE, scratch=out_dir)
     del parts
-    write_metadata(out_dir / PACKAGE, _metadata(ckpt, options, max_context))
-    extras = {
-        "inputs": {"input_ids": INPUT_IDS, **({"causal_mask": CAUSAL_MASK} if ckpt.arch == "falcon" else {})},
-        "outputs": {"logits": LOGITS},
-        "states": {s.kind: s.coreml_name for s in io.states},
-        "deployment_target": TARGET,
-        "functions": {name: ("ranged" if q is None else q) for name, q in plan.items()},
-        "default_function": next(iter(plan)),
-        "batch_size": options.batch_size,
-        "compute_precision": options.dtype,
-        "conversion_seconds": round(time.perf_counter() - t0, 2),
-    }
+    names = bindings(io, options.profile)
+    write_metadata(out_dir / PACKAGE, _metadata(ckpt, io, names, options, max_context))
+    extras = {"deployment_target": TARGET, "default_function": next(iter(plan)),
+              "conversion_seconds": round(time.perf_counter() - t0, 2)}
     return Manifest(format="coreml", arch=ckpt.arch, io=io, hf_config=ckpt.config.to_dict(), max_context=max_context,
-                    dtype=options.dtype, quantization=quantization, model_file=PACKAGE, extras=extras)
+                    dtype=options.precision, bindings=names, profile=options.profile, batch_size=options.batch_size,
+                    functions={name: ("ranged" if q is None else q) for name, q in plan.items()},
+                    quantization=quantization, model_file=PACKAGE, extras=extras)
 
 
 def _save(parts: dict, package: Path, scratch: Path) -> None:
@@ -276,15 +290,17 @@ def _model_name(ckpt: Checkpoint) -> str:
     return getattr(ckpt.config, "_name_or_path", "") or Path(ckpt.model_dir).name
 
 
-def _metadata(ckpt: Checkpoint, options: ExportOptions, max_context: int) -> dict:
+def _metadata(ckpt: Checkpoint, io: ModelIO, names: tuple[Binding, ...], options: CoreMLOptions,
+              max_context: int) -> dict:
     from perch import __version__
 
     arch = (getattr(ckpt.config, "architectures", None) or [""])[0]
-    precision = {"none": options.dtype, "int8": "int8", "int4": "int4", "palettize4": "palettized 4-bit"}[options.quantize]
+    precision = options.precision if options.quantize == "none" else options.quantize
+    states = ", ".join(b.name for b in names if b.role == "state")
     return {
         "author": "Perch",
-        "short_description": f"{arch or ckpt.arch} ({precision}) with its {'K,V cache' if ckpt.arch == 'falcon' else 'conv and SSM state'} "
-                             f"as Core ML state, up to {max_context} tokens",
+        "short_description": f"{arch or ckpt.arch} ({precision}) with its state ({states}) as Core ML state, "
+                             f"up to {max_context} tokens",
         "version": __version__,
         "user_defined": {
             # swift-transformers reads the name (LanguageModel.modelName); the rest follows HF exporters.
@@ -292,16 +308,16 @@ def _metadata(ckpt: Checkpoint, options: ExportOptions, max_context: int) -> dic
             "co.huggingface.exporters.task": "text-generation",
             "co.huggingface.exporters.architecture": arch,
             "co.huggingface.exporters.framework": "pytorch",
-            "co.huggingface.exporters.precision": options.dtype,
+            "co.huggingface.exporters.precision": options.precision,
             "perch.version": __version__,
             "perch.arch": ckpt.arch,
             "perch.quantization": options.quantize,
             "perch.max_context": str(max_context),
         },
-        "inputs": {INPUT_IDS: "Token ids of the new tokens (batch, 1..max_context), int32",
-                   CAUSAL_MASK: "Additive causal mask (batch, 1, new tokens, stored + new tokens): 0 to attend, "
-                                "-1e4 to mask; its length sets the position of the new tokens"},
-        "outputs": {LOGITS: "Next-token scores (batch, new tokens, vocab)"},
+        "inputs": {NAMES["input_ids"]: "Token ids of the new tokens (batch, 1..max_context), int32",
+                   NAMES["causal_mask"]: "Additive causal mask (batch, 1, new tokens, stored + new tokens): 0 to "
+                                         "attend, -1e4 to mask; its length sets the position of the new tokens"},
+        "outputs": {NAMES["logits"]: "Next-token scores (batch, new tokens, vocab)"},
     }
 
 

@@ -21,18 +21,18 @@ import torch
 
 from perch.exporter import onnx_quant
 from perch.archs import arch_module
-from perch.archs import SUPPORTED
 from perch.errors import PerchError
-from perch.spec import Manifest, ModelIO
+from perch.exporter.options import OnnxOptions
+from perch.spec import Binding, Manifest, ModelIO
 
 OPSET = 20  # LayerNormalization and Gelu as single ops; read by onnxruntime >= 1.17
-# onnx 1.23 writes IR 14 by default, which onnxruntime 1.31 refuses (FINDINGS); 10 is read by ORT >= 1.16.
+# onnx 1.23 writes IR 14 by default, which onnxruntime 1.31 refuses (docs/traps.md, ONNX); 10 is read by ORT >= 1.16.
 IR_VERSION = 10
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 # Above this many bytes of weights, write them to model.onnx.data: a protobuf cannot exceed 2 GiB, and a
 # single-file save serializes the whole model in memory (~2x its size) where external data streams it.
 EXTERNAL_DATA_THRESHOLD = 256 << 20
-# Trace sizes: never 0 or 1, which torch.export specialises into constants (FINDINGS).
+# Trace sizes: never 0 or 1, which torch.export specialises into constants (docs/traps.md, ONNX).
 SAMPLE_SIZES = {"batch": 2, "sequence": 3, "context": 5}
 PREFIX = "core."  # the wrappers keep the core as `self.core`: initializer names are "core." + state-dict key
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -40,51 +40,77 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
-def export(ckpt, out_dir: str | Path, options) -> Manifest:
-    """Write `out_dir/model.onnx` (+ `model.onnx.data` when large) for `ckpt`; return its Manifest.
+# ---- the ONNX naming function: canonical I/O -> ONNX names and dynamic axis names (optimum's convention)
+ONNX_AXES = {"batch": "batch_size", "sequence": "sequence_length", "total_sequence": "total_sequence_length",
+             "context": "past_sequence_length"}
 
-    `options` is an `perch.exporter.export.ExportOptions` (dtype, quantize, block_size, max_context, variant).
-    """
+
+def state_name(kind: str, layer: int, role: str) -> str:
+    """optimum's names: past_key_values.{i}.key / present.{i}.key for K,V; past_{kind}_state.{i} otherwise."""
+    if kind in ("key", "value"):
+        return f"past_key_values.{layer}.{kind}" if role == "past" else f"present.{layer}.{kind}"
+    return f"past_{kind}_state.{layer}" if role == "past" else f"present_{kind}_state.{layer}"
+
+
+def _axes(shape) -> tuple:
+    return tuple(ONNX_AXES.get(a, a) if isinstance(a, str) else a for a in shape)
+
+
+def bindings(io: ModelIO, profile: str = "default") -> tuple[Binding, ...]:
+    """Every graph input and output, layer-major for the states (the order the graph declares them)."""
+    out = [Binding(t.name, t.name, "input", _axes(t.shape), t.dtype) for t in io.inputs]
+    out += [Binding(t.name, t.name, "output", _axes(t.shape), t.dtype) for t in io.outputs]
+    for role in ("past", "present"):
+        for i in range(io.num_layers):
+            for s in io.states:
+                shape = s.shape if role == "past" or "context" not in s.shape else \
+                    tuple("total_sequence" if a == "context" else a for a in s.shape)
+                out.append(Binding(f"{s.kind}.{i}", state_name(s.kind, i, role), role, _axes(shape), s.dtype))
+    return tuple(out)
+
+
+def export(ckpt, out_dir: str | Path, options: OnnxOptions) -> Manifest:
+    """Write `out_dir/model.onnx` (+ `model.onnx.data` when large) for `ckpt`; return its Manifest."""
     t0 = time.perf_counter()
+    mod = arch_module(ckpt.arch)
+    frontend = "inplace" if options.variant == "inplace" else "past_present"
+    if frontend not in mod.FRONTENDS:
+        raise PerchError(f"--variant {options.variant}: {ckpt.arch} has no {frontend} front-end (its states are "
+                         "fixed-size already, and its default graph keeps them in place); export without --variant")
     max_context = options.context_for(ckpt.config)
-    dtype = TORCH_DTYPES[options.dtype]
-    variant = options.variant if ckpt.arch == "falcon" else "default"
-    model, io = build_graph(ckpt, max_context, dtype, variant)
+    dtype = TORCH_DTYPES[options.precision]
+    model, io = build_graph(ckpt, max_context, dtype, frontend)
     t_trace = time.perf_counter() - t0
     quant = {"method": "none"}
     if options.quantize != "none":
-        embedding = SUPPORTED[ckpt.arch]["embedding"]
-        quant = onnx_quant.quantize(model, options.quantize, options.block_size, embedding=PREFIX + embedding)
+        quant = onnx_quant.quantize(model, options.quantize, options.block_size, embedding=PREFIX + mod.EMBEDDING)
     saved = save_model(model, out_dir)
     if options.quantize != "none":
         quant["size_bytes"] = saved["bytes"]
     extras = {
-        "opset": OPSET, "ir_version": IR_VERSION, "variant": variant,
+        "opset": OPSET, "ir_version": IR_VERSION,
         "exporter": f"torch.onnx dynamo (torch {torch.__version__})",
-        "external_data": saved["external_data"], "model_bytes": saved["bytes"], "files": saved["files"],
-        "export_seconds": round(time.perf_counter() - t0, 2), "trace_seconds": round(t_trace, 2),
+        "external_data": saved["external_data"], "export_seconds": round(time.perf_counter() - t0, 2), "trace_seconds": round(t_trace, 2),
         "lm_head": "separate from the embedding (untied), so MatMulNBits can quantize it",
     }
-    if options.variant == "inplace" and variant != "inplace":
-        extras["variant_note"] = (f"{ckpt.arch} keeps fixed-size conv and SSM states, no growing cache to update in "
-                                  "place: the default graph was exported (the runtime double-buffers its states)")
     return Manifest(format="onnx", arch=ckpt.arch, io=io, hf_config=ckpt.config.to_dict(), max_context=max_context,
-                    dtype=options.dtype, quantization=quant, model_file=MODEL_FILE, extras=extras)
+                    dtype=options.precision, bindings=bindings(io, options.profile), variant=options.variant,
+                    profile=options.profile, quantization=quant, model_file=MODEL_FILE, files=saved["files"],
+                    model_bytes=saved["bytes"], extras=extras)
 
 
-def build_graph(ckpt, max_context: int, dtype: torch.dtype, variant: str = "default") -> tuple[ir.Model, ModelIO]:
+def build_graph(ckpt, max_context: int, dtype: torch.dtype, frontend: str = "past_present") -> tuple[ir.Model, ModelIO]:
     """Trace, bind the checkpoint's weights lazily, and clean up: an in-memory model ready to quantize or save."""
     mod = arch_module(ckpt.arch)
-    io = mod.io_spec(ckpt.config, max_context, state_dtype=str(dtype).removeprefix("torch."))
+    io = mod.io_spec(ckpt.config, max_context, frontend, state_dtype=str(dtype).removeprefix("torch."))
     core = mod.build(ckpt.config, stand_in_weights(ckpt.state_dict, dtype), max_context, scan="scan")
     translations = {}
-    if variant == "inplace":
+    if frontend == "inplace":
         from perch.exporter import onnx_gqa
 
-        io = onnx_gqa.inplace_io(io, max_context)
-        wrapper, translations = onnx_gqa.FalconInplace(core), onnx_gqa.TRANSLATIONS
+        wrapper, translations = onnx_gqa.Inplace(core), onnx_gqa.TRANSLATIONS
     else:
-        wrapper = mod.PastPresent(core)
+        wrapper = mod.past_present(core)
     model = trace(wrapper, io, dtype, translations)
     fold_weight_transposes(model, ckpt.state_dict, dtype)
     bind_weights(model, ckpt.state_dict, dtype)
@@ -93,6 +119,7 @@ def build_graph(ckpt, max_context: int, dtype: torch.dtype, variant: str = "defa
     onnxscript.optimizer.optimize(model)  # folds only small constants (input size limit), never the weights
     model.ir_version = IR_VERSION
     model.producer_name, model.producer_version = "perch", _perch_version()
+    variant = "inplace" if frontend == "inplace" else "default"
     model.metadata_props.update({"perch.arch": ckpt.arch, "perch.variant": variant})
     return model, io
 
@@ -103,15 +130,9 @@ def stand_in_weights(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) ->
             for k, v in state_dict.items()}
 
 
-def state_names(io: ModelIO, which: str) -> list[str]:
-    """Layer-major ONNX state names ("past_key_values.0.key", "past_key_values.0.value", ...)."""
-    n = io.states[0].num_layers if io.states else 0
-    return [getattr(s, which).format(i=i) for i in range(n) for s in io.states]
-
-
 def _example(shape, dtype: torch.dtype, sizes: dict[str, int]) -> tuple[torch.Tensor, dict[int, str]]:
     dims = [sizes[a] if isinstance(a, str) else a for a in shape]
-    axes = {i: a for i, a in enumerate(shape) if isinstance(a, str)}
+    axes = {i: ONNX_AXES.get(a, a) for i, a in enumerate(shape) if isinstance(a, str)}
     if dtype == torch.int64:
         return torch.ones(dims, dtype=dtype), axes
     return torch.randn(dims).to(dtype), axes
@@ -122,13 +143,13 @@ def example_inputs(io: ModelIO, dtype: torch.dtype) -> tuple[tuple, tuple]:
     sizes = {**SAMPLE_SIZES, "total_sequence": SAMPLE_SIZES["context"] + SAMPLE_SIZES["sequence"]}
     args, dyn = [], []
     for spec in io.inputs:
-        t, axes = _example(spec.shape, torch.int64, sizes)
+        t, axes = _example(spec.shape, getattr(torch, spec.dtype), sizes)
         if spec.name == "position_ids":  # positions of the new tokens after the sample past
             t = torch.arange(sizes["context"], sizes["total_sequence"]).expand(t.shape).contiguous()
         args.append(t)
         dyn.append(axes)
     past_dyn = []
-    for i in range(io.states[0].num_layers):
+    for i in range(io.num_layers):
         for s in io.states:
             t, axes = _example(s.shape, getattr(torch, s.dtype), sizes)
             args.append(t)
@@ -139,8 +160,9 @@ def example_inputs(io: ModelIO, dtype: torch.dtype) -> tuple[tuple, tuple]:
 def trace(wrapper: torch.nn.Module, io: ModelIO, dtype: torch.dtype, translations: dict) -> ir.Model:
     """torch.onnx's dynamo exporter, unoptimized (we fold and bind the weights ourselves first)."""
     args, dynamic_shapes = example_inputs(io, dtype)
-    names_in = [s.name for s in io.inputs] + state_names(io, "onnx_input")
-    names_out = [s.name for s in io.outputs] + state_names(io, "onnx_output")
+    names = bindings(io)
+    names_in = [b.name for b in names if b.role in ("input", "past")]
+    names_out = [b.name for b in names if b.role in ("output", "present")]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.export's deprecation chatter about dynamic-shape renames
         program = torch.onnx.export(
@@ -240,13 +262,13 @@ def quantize_artifact(src: str | Path, out: str | Path, method: str, block_size:
                          f"{manifest.format}, quantization {manifest.quantization.get('method')})")
     check_output(out)
     model = ir.load(src / manifest.model_file)
-    embedding = PREFIX + SUPPORTED[manifest.arch]["embedding"]
+    embedding = PREFIX + arch_module(manifest.arch).EMBEDDING
     quant = onnx_quant.quantize(model, method, block_size, embedding=embedding)
     with staged_output(out) as tmp:
         saved = save_model(model, tmp)
         copy_side_files(src, tmp)
         manifest.quantization = {**quant, "size_bytes": saved["bytes"]}
-        manifest.extras.update(external_data=saved["external_data"], model_bytes=saved["bytes"], files=saved["files"],
-                               quantized_from=str(src))
+        manifest.files, manifest.model_bytes = saved["files"], saved["bytes"]
+        manifest.extras.update(external_data=saved["external_data"], quantized_from=str(src))
         manifest.save(tmp)
     return manifest

@@ -11,8 +11,11 @@ import sys
 from pathlib import Path
 
 from perch import __version__
+from perch.archs import ARCH_MODULES
 from perch.errors import CheckFailed, PerchError
+from perch.exporter.options import OPTIONS, PRECISIONS
 
+FIXTURE_ARCHS = list(ARCH_MODULES)  # every architecture has a trained fixture (perch/dev/fixtures.py)
 
 def cmd_export(a: argparse.Namespace) -> int:
     if a.list:
@@ -25,11 +28,12 @@ def cmd_export(a: argparse.Namespace) -> int:
         return 0
     if not a.model or not a.to or not a.out:
         raise PerchError("perch export needs MODEL, --to and --out (or --list); see `perch export --help`")
-    from perch.exporter.export import ExportOptions, export
+    from perch.exporter.export import export
+    from perch.exporter.options import options_for
 
-    opts = ExportOptions(to=a.to, dtype=a.dtype or a.compute_precision or "fp32", quantize=a.quantize,
-                         block_size=a.block_size, max_context=a.max_context,
-                         variant="inplace" if a.optimize else "default", multifunction=a.multifunction)
+    opts = options_for(a.to, precision=a.precision, quantize=a.quantize, block_size=a.block_size,
+                       max_context=a.max_context, variant=a.variant, multifunction=a.multifunction,
+                       batch_size=a.batch_size)
     m = export(a.model, a.out, opts, adapter=a.adapter, allow_pickle=a.allow_pickle, overwrite=a.overwrite)
     print(f"wrote {a.out}/{m.model_file}: {m.arch}, {m.format} {m.dtype}, quantize={m.quantization.get('method')}, "
           f"max context {m.max_context}")
@@ -107,15 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a model to ONNX or Core ML (--list: supported architectures)")
     e.add_argument("model", nargs="?", help="checkpoint directory, hub id in the local HF cache, or preset name")
     e.add_argument("--list", action="store_true", help="print supported architectures and presets")
-    e.add_argument("--to", choices=["onnx", "coreml"])
+    e.add_argument("--to", choices=list(OPTIONS))
     e.add_argument("--out", help="output directory (must not exist)")
-    e.add_argument("--dtype", choices=["fp32", "fp16"], help="ONNX weight/compute precision (default fp32)")
-    e.add_argument("--compute-precision", choices=["fp16", "fp32"], help="Core ML compute precision")
-    e.add_argument("--quantize", default="none", choices=["none", "int8", "int4", "palettize4"])
-    e.add_argument("--block-size", type=int, default=32, help="int4 block size (32 or 128)")
+    e.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="ONNX: weights and compute; Core ML: compute (its states are fp16)")
+    e.add_argument("--quantize", default="none", choices=sorted({q for c in OPTIONS.values() for q in c.QUANTIZE}),
+                   help="; ".join(f"{b}: {', '.join(c.QUANTIZE)}" for b, c in OPTIONS.items()))
+    e.add_argument("--block-size", type=int, default=32, help="int4 block size (16, 32, 64 or 128)")
     e.add_argument("--max-context", type=int, help="longest context the artifact accepts (default: min(model's, 2048))")
-    e.add_argument("--optimize", action="store_true", help="ONNX: in-place cache buffer (GroupQueryAttention) for fast decode")
+    e.add_argument("--variant", default="default", choices=["default", "inplace"],
+                   help="ONNX: inplace = fixed-size K,V buffers updated by GroupQueryAttention (fast decode)")
     e.add_argument("--multifunction", action="store_true", help="Core ML: prefill and decode functions sharing state")
+    e.add_argument("--batch-size", type=int, default=1, help="Core ML: the fixed batch of its states")
     add_model_source_flags(e)
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     e.set_defaults(fn=cmd_export)
@@ -147,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_check)
 
     t = sub.add_parser("train-fixture", help="train a small Falcon or Falcon-Mamba on Python's own docs (offline)")
-    t.add_argument("arch", choices=["falcon", "falcon_mamba"])
+    t.add_argument("arch", choices=FIXTURE_ARCHS)
     t.add_argument("--out", required=True)
     t.add_argument("--steps", type=int, help="training steps (default: the fixture's, reproducible)")
     t.add_argument("--seed", type=int, default=0)

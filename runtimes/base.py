@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from perch.errors import PerchError
-from perch.spec import ModelIO
+from perch.spec import MASK_MIN, ModelIO
 
 
 class Runtime(ABC):
@@ -90,30 +90,37 @@ class Runtime(ABC):
         """Release device memory or sessions; the default has nothing to release."""
 
 
-def model_inputs(io: ModelIO, input_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
-    """Feeds for a past/present graph, by the names and axes its ModelIO declares.
+def additive_causal_mask(mask: np.ndarray, query_len: int) -> np.ndarray:
+    """(B, S) 0/1 key mask -> (B, 1, T, S) fp16 additive mask; the T queries are the last T keys."""
+    s = mask.shape[1]
+    allowed = (np.arange(s)[None, :] <= np.arange(s - query_len, s)[:, None])[None] & (mask[:, None, :] > 0)
+    return np.where(allowed, 0.0, MASK_MIN).astype(np.float16)[:, None]
 
-    `mask` covers everything stored (B, past+T); an input whose second axis is "total_sequence" takes it
-    whole, one over "sequence" takes the last T columns (Falcon-Mamba masks only the new tokens).
+
+def model_inputs(io: ModelIO, input_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
+    """Feeds under canonical names, built by the I/O spec's mask contract (perch.spec.MASK_CONTRACTS).
+
+    `mask` covers everything stored (B, past+T): "keys" takes it whole, "new" takes the last T columns,
+    "additive" becomes the (B, 1, T, past+T) causal mask, "none" has no input and cannot skip padding.
     """
     t = input_ids.shape[1]
-    feeds: dict[str, np.ndarray] = {}
-    for spec in io.inputs:
-        if spec.name == "input_ids":
-            feeds[spec.name] = input_ids
-        elif spec.name == "attention_mask":
-            feeds[spec.name] = mask if spec.shape[1] == "total_sequence" else mask[:, -t:]
-        elif spec.name == "position_ids":
-            feeds[spec.name] = positions
-        else:
-            raise PerchError(f"graph input {spec.name!r} is not one Perch knows how to feed; re-export with this Perch")
+    if io.mask == "none" and not mask.all():
+        raise PerchError(f"this {io.arch} export has no attention-mask input, so it cannot skip padding; "
+                         "run padded rows one at a time without padding")
+    feeds = {"input_ids": input_ids, "position_ids": positions,
+             "attention_mask": mask if io.mask == "keys" else mask[:, -t:]}
+    if io.mask == "additive":
+        feeds["causal_mask"] = additive_causal_mask(mask, t)
+    missing = [s.name for s in io.inputs if s.name not in feeds]
+    if missing:
+        raise PerchError(f"graph input(s) {missing} are not ones Perch knows how to feed; re-export with this Perch")
     return {s.name: np.ascontiguousarray(feeds[s.name], dtype=np.dtype(s.dtype)) for s in io.inputs}
 
 
 def empty_state(io: ModelIO, batch_size: int) -> dict[str, np.ndarray]:
     """Per-layer state before the first token: zero-length caches, zero conv/SSM states."""
     out = {}
-    for i in range(io.states[0].num_layers):
+    for i in range(io.num_layers):
         for s in io.states:
             out[f"{s.kind}.{i}"] = np.zeros(s.concrete_shape(batch_size, 0), dtype=np.dtype(s.dtype))
     return out

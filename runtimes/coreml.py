@@ -14,18 +14,9 @@ import numpy as np
 
 from perch.errors import PerchError
 from perch.spec import Manifest
-from perch.runtimes.base import Runtime
+from perch.runtimes.base import Runtime, model_inputs
 
-# Same value as perch.archs.falcon.MASK_MIN (runtimes never import exporter): exp() underflows, fp16 holds it.
-MASK_MIN = -1.0e4
 ENGINES = ("auto", "coremltools", "perch")
-
-
-def causal_mask(mask: np.ndarray, query_len: int) -> np.ndarray:
-    """(B, S) 0/1 key mask -> (B, 1, T, S) fp16 additive mask; the T queries are the last T keys."""
-    s = mask.shape[1]
-    allowed = (np.arange(s)[None, :] <= np.arange(s - query_len, s)[:, None])[None] & (mask[:, None, :] > 0)
-    return np.where(allowed, 0.0, MASK_MIN).astype(np.float16)[:, None]
 
 
 class _PerchEngine:
@@ -104,21 +95,20 @@ class CoreMLRuntime(Runtime):
 
     name = "coreml"
 
-    def __init__(self, path: str | Path, *, engine: str = "auto"):
+    def __init__(self, path: str | Path, *, engine: str = "auto", manifest: Manifest | None = None):
         path = Path(path)
-        manifest = Manifest.load(path)
+        manifest = manifest or Manifest.load(path)
         if manifest.format != "coreml":
             raise PerchError(f"{path} holds a {manifest.format!r} export, not Core ML; open it with its own runtime")
         package = path / (manifest.model_file or "model.mlpackage")
         if not package.exists():
             raise PerchError(f"{package} is missing: the export directory is incomplete; re-run `perch export`")
-        extras = manifest.extras
         self.manifest, self.io, self.arch = manifest, manifest.io, manifest.arch
         self.vocab_size, self.max_context = int(manifest.hf_config["vocab_size"]), int(manifest.max_context)
-        self.input_names = extras.get("inputs", {"input_ids": "inputIds", "causal_mask": "causalMask"})
-        self.state_names = extras.get("states", {s.kind: s.coreml_name for s in self.io.states})
-        self.functions = dict(extras.get("functions") or {"main": "ranged"})
-        self.package_batch = int(extras.get("batch_size", 1))
+        self.input_names, self.output_names = manifest.names("input"), manifest.names("output")
+        self.state_names = manifest.names("state")
+        self.functions = dict(manifest.functions)
+        self.package_batch = int(manifest.batch_size or 1)
         self.engine = _open_engine(package, list(self.functions), engine)
         self.name = f"coreml[{self.engine.name}]"
         self._check_states()
@@ -146,14 +136,10 @@ class CoreMLRuntime(Runtime):
 
     def _forward(self, input_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         t = input_ids.shape[1]
-        feeds = {self.input_names["input_ids"]: input_ids.astype(np.int32)}
-        if "causal_mask" in self.input_names:
-            feeds[self.input_names["causal_mask"]] = causal_mask(mask, t)
-        elif not mask.all():
-            raise PerchError(f"this {self.arch} Core ML package has no attention-mask input, so it cannot skip "
-                             "padding; run padded rows one at a time without padding")
+        canonical = model_inputs(self.io, input_ids, mask, positions)
+        feeds = {self.input_names[k]: v for k, v in canonical.items()}
         out = self.engine.predict(self._function_for(t), feeds, self._state)
-        return np.asarray(out["logits"], dtype=np.float32)
+        return np.asarray(out[self.output_names["logits"]], dtype=np.float32)
 
     def state(self) -> dict[str, np.ndarray]:
         """Per-layer state as float32 (K,V cut to the tokens stored so far), named like ModelIO."""

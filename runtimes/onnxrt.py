@@ -4,12 +4,12 @@ Reads only the artifact (manifest + graph), never `exporter`. Before running any
 graph is one Perch wrote and that it matches its manifest (names, dtypes, fixed dimensions), so a wrong
 or damaged artifact fails with a PerchError naming the problem instead of an error deep inside ORT.
 
-State handling per variant:
-- default Falcon: each step's `present.*` outputs stay on the device and are bound as the next `past_*`
-  (ORT allocates the grown cache; nothing crosses to the host but the logits).
-- default Falcon-Mamba: fixed-size states, double-buffered: two sets of device buffers swap roles.
-- inplace Falcon: one (batch, kv_heads, max_context, head_dim) buffer per layer and kind, bound as both
-  past and present, so GroupQueryAttention writes the new K,V in place.
+State handling, read from the I/O spec (never from the architecture's name):
+- a growing cache (a "context" axis): each step's presents stay on the device and are bound as the next
+  pasts (ORT allocates the grown cache; nothing crosses to the host but the logits);
+- fixed-size states (conv/SSM): double-buffered, two sets of device buffers swap roles;
+- the in-place variant: one max-context buffer per layer and kind, bound as both past and present, so
+  GroupQueryAttention writes the new K,V in place.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from perch.errors import PerchError
-from perch.spec import Manifest, ModelIO
+from perch.spec import Manifest
 from perch.runtimes.base import Runtime, model_inputs
 
 ORT_TYPES = {"tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(float)": "float32",
@@ -54,12 +54,6 @@ def providers_for(device: str) -> list:
     return [("CUDAExecutionProvider", {"device_id": idx}), "CPUExecutionProvider"]
 
 
-def state_names(io: ModelIO, which: str) -> list[tuple[str, str]]:
-    """Layer-major (canonical name, ONNX name) pairs: ("key.0", "past_key_values.0.key"), ..."""
-    n = io.states[0].num_layers if io.states else 0
-    return [(f"{s.kind}.{i}", getattr(s, which).format(i=i)) for i in range(n) for s in io.states]
-
-
 def _dim_problem(where: str, name: str, want, got) -> str | None:
     if isinstance(want, int) and isinstance(got, int) and want != got:
         return f"{where} {name!r}: dimension {got} in the graph, {want} in the manifest"
@@ -73,19 +67,11 @@ def check_graph(session, manifest: Manifest) -> None:
     problems = []
     if meta.producer_name != "perch":
         problems.append(f"the graph was produced by {meta.producer_name or 'an unknown tool'!r}, not `perch export`")
-    elif custom.get("perch.arch") != manifest.arch or custom.get("perch.variant", "default") != _variant(manifest):
+    elif custom.get("perch.arch") != manifest.arch or custom.get("perch.variant", "default") != manifest.variant:
         problems.append(f"the graph is {custom.get('perch.arch')}/{custom.get('perch.variant')}, the manifest says "
-                        f"{manifest.arch}/{_variant(manifest)}")
-    io = manifest.io
-    states = {s.kind: s for s in io.states}
-    want_in = {t.name: (t.shape, t.dtype) for t in io.inputs}
-    want_out = {t.name: (t.shape, t.dtype) for t in io.outputs}
-    for kind_name, onnx_name in state_names(io, "onnx_input"):
-        s = states[kind_name.split(".")[0]]
-        want_in[onnx_name] = (s.shape, s.dtype)
-    for kind_name, onnx_name in state_names(io, "onnx_output"):
-        s = states[kind_name.split(".")[0]]
-        want_out[onnx_name] = (s.shape, s.dtype)
+                        f"{manifest.arch}/{manifest.variant}")
+    want_in = {b.name: (b.shape, b.dtype) for b in manifest.bindings if b.role in ("input", "past")}
+    want_out = {b.name: (b.shape, b.dtype) for b in manifest.bindings if b.role in ("output", "present")}
     for where, want, got in (("input", want_in, session.get_inputs()), ("output", want_out, session.get_outputs())):
         problems += _compare(where, want, {g.name: g for g in got})
     if problems:
@@ -108,21 +94,17 @@ def _compare(where: str, want: dict, got: dict) -> list[str]:
     return problems
 
 
-def _variant(manifest: Manifest) -> str:
-    return manifest.extras.get("variant", "default")
-
-
 def check_files(directory: Path, manifest: Manifest) -> Path:
     """The model file, present and of the size the manifest recorded (a truncated copy fails here, not in ORT)."""
     path = directory / (manifest.model_file or "model.onnx")
     if not path.is_file():
         raise PerchError(f"{path} is missing; the export is incomplete: re-export the model")
-    files = manifest.extras.get("files") or [path.name]
+    files = manifest.files or [path.name]
     missing = [f for f in files if not (directory / f).is_file()]
     if missing:
         raise PerchError(f"{directory}: {', '.join(missing)} missing (external weights travel with model.onnx); "
                          "copy the whole directory")
-    size, want = sum((directory / f).stat().st_size for f in files), manifest.extras.get("model_bytes")
+    size, want = sum((directory / f).stat().st_size for f in files), manifest.model_bytes
     if want is not None and size != want:
         raise PerchError(f"{directory}: model files hold {size} bytes, the manifest recorded {want}; "
                          "the copy is truncated or was modified: copy or export it again")
@@ -147,19 +129,21 @@ class OnnxRuntime(Runtime):
 
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, *, device: str = "cpu", threads: int | None = None):
+    def __init__(self, path: str | Path, *, device: str = "cpu", threads: int | None = None,
+                 manifest: Manifest | None = None):
         self.path = Path(path)
-        self.manifest = Manifest.load(self.path)
+        self.manifest = manifest or Manifest.load(self.path)
         if self.manifest.format != "onnx":
             raise PerchError(f"{path} holds a {self.manifest.format} export, not ONNX; open it with its own runtime")
-        self.io, self.variant = self.manifest.io, _variant(self.manifest)
+        self.io, self.variant = self.manifest.io, self.manifest.variant
         self.vocab_size = int(self.manifest.hf_config["vocab_size"])
         self.max_context = int(self.manifest.max_context)
         self.device, self.device_id = parse_device(device)
         self.session = open_session(check_files(self.path, self.manifest), providers_for(device), threads)
         check_graph(self.session, self.manifest)
-        self.past_names = state_names(self.io, "onnx_input")
-        self.present_names = state_names(self.io, "onnx_output")
+        self.input_names = self.manifest.names("input")
+        self.past_names = list(self.manifest.names("past").items())  # [(canonical "key.0", graph name)]
+        self.present_names = list(self.manifest.names("present").items())
         self._binding = None
         self.reset(1)
 
@@ -196,10 +180,10 @@ class OnnxRuntime(Runtime):
     def _run(self, input_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         binding = self.session.io_binding()
         for name, array in model_inputs(self.io, input_ids, mask, positions).items():
-            binding.bind_ortvalue_input(name, self._on_device(array))
+            binding.bind_ortvalue_input(self.input_names[name], self._on_device(array))
         for key, name in self.past_names:
             binding.bind_ortvalue_input(name, self.values[key])
-        binding.bind_output("logits", "cpu")  # only the logits come back to the host
+        binding.bind_output(self.manifest.names("output")["logits"], "cpu")  # only the logits reach the host
         for key, name in self.present_names:
             if self.variant == "inplace":
                 binding.bind_ortvalue_output(name, self.values[key])  # same buffer: written in place

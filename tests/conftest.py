@@ -9,7 +9,6 @@ import pytest
 os.environ.setdefault("PERCH_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "perch"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TINY_PRESETS = ("falcon-tiny", "falcon40b-tiny", "falcon-mamba-tiny")
 
 
 @pytest.fixture(scope="session")

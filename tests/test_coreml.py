@@ -17,20 +17,22 @@ from torch import nn
 
 import coremltools as ct
 
+from perch.archs import arch_module
 from perch.exporter import to_coreml
-from perch.exporter.export import ExportOptions, export
+from perch.exporter.export import export, options_for
 from perch.errors import PerchError
 from perch.runtimes.mil import ops as mil_ops
 from perch.runtimes.coreml import CoreMLRuntime
 from perch.runtimes.mil.executor import MilExecutor, MilProgram
 from perch.runtimes.pytorch.reference import ReferenceRuntime
+from tests.matrix import ARCHS
 
 CONTEXT = 32
 FP16_U = 2.0**-11  # fp16 unit roundoff
 # The issue's bound for fp32 compute. States are fp16 even then; measured 6.5e-5 (falcon-tiny), 1.3e-4
 # (falcon40b-tiny), 6.1e-4 (falcon-mamba-tiny, |logits| 5.9: its SSM state is re-rounded every step).
 FP32_ATOL = 1e-3
-ARCH_OF = {"falcon-tiny": "falcon", "falcon40b-tiny": "falcon", "falcon-mamba-tiny": "falcon_mamba"}
+ARCH_OF = {p: arch for arch, row in ARCHS.items() for p in row["presets"]}
 
 
 def fp16_bound(ref: np.ndarray, layers: int) -> float:
@@ -50,7 +52,7 @@ def exported(load_preset, tmp_path_factory):
         key = (preset, tuple(sorted(kw.items())))
         if key not in done:
             out = root / f"{preset}-{len(done)}"
-            export(load_preset(preset), out, ExportOptions(to="coreml", max_context=CONTEXT, **kw))
+            export(load_preset(preset), out, options_for("coreml", max_context=CONTEXT, **kw))
             done[key] = out
         return done[key]
 
@@ -85,18 +87,12 @@ def reference(load_preset):
     return get
 
 
-def test_every_registered_architecture_is_tested():
-    from perch.archs import ARCH_MODULES
-
-    assert set(ARCH_OF.values()) == set(ARCH_MODULES)
-
-
 # ---- parity -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("preset", list(ARCH_OF))
 def test_fp32_compute_matches_transformers(preset, exported, reference):
-    rt = CoreMLRuntime(exported(preset, dtype="fp32"))
+    rt = CoreMLRuntime(exported(preset, precision="fp32"))
     err = max_err(run_script(rt), reference(preset))
     assert err <= FP32_ATOL, f"{preset}: max |logits - reference| = {err:.2e} > {FP32_ATOL}"
 
@@ -104,7 +100,7 @@ def test_fp32_compute_matches_transformers(preset, exported, reference):
 @pytest.mark.parametrize("preset,kw", [("falcon-tiny", {"multifunction": True}), ("falcon40b-tiny", {}),
                                        ("falcon-mamba-tiny", {})])
 def test_fp16_compute_within_fp16_rounding(preset, kw, exported, reference, load_preset):
-    rt = CoreMLRuntime(exported(preset, dtype="fp16", **kw))
+    rt = CoreMLRuntime(exported(preset, precision="fp16", **kw))
     ref = reference(preset)
     err, bound = max_err(run_script(rt), ref), fp16_bound(np.concatenate(ref, 1), load_preset(preset).config.num_hidden_layers)
     assert err <= bound, f"{preset}: fp16 error {err:.2e} > bound {bound:.2e}"
@@ -113,7 +109,7 @@ def test_fp16_compute_within_fp16_rounding(preset, kw, exported, reference, load
 def test_left_padded_batch_matches_transformers(exported, load_preset):
     """The package places tokens by the mask's length, not by per-row positions: with rotary attention a
     row shifted by its left padding scores the same (measured 8e-5), so one batch mixes prompt lengths."""
-    rt, ref = CoreMLRuntime(exported("falcon-tiny", dtype="fp32", batch_size=2)), ReferenceRuntime(load_preset("falcon-tiny"))
+    rt, ref = CoreMLRuntime(exported("falcon-tiny", precision="fp32", batch_size=2)), ReferenceRuntime(load_preset("falcon-tiny"))
     ids, mask = np.array([[0, 0, 7, 8, 9], [3, 4, 5, 6, 7]]), np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     rt.reset(2)
     ref.reset(2)
@@ -124,7 +120,7 @@ def test_left_padded_batch_matches_transformers(exported, load_preset):
 
 
 def test_multifunction_shares_weights_and_state(exported):
-    multi, single = exported("falcon-tiny", dtype="fp16", multifunction=True), exported("falcon-tiny", dtype="fp16")
+    multi, single = exported("falcon-tiny", precision="fp16", multifunction=True), exported("falcon-tiny", precision="fp16")
     program = MilProgram.load(multi / "model.mlpackage")
     assert sorted(program.function_names) == ["decode", "prefill"] and program.default_function == "prefill"
     weights = [(d / "model.mlpackage/Data/com.apple.CoreML/weights/weight.bin").stat().st_size for d in (multi, single)]
@@ -152,13 +148,13 @@ class _ShiftedMask(CoreMLRuntime):
 
 
 def test_negative_control_wrong_position_fails(exported, reference):
-    rt = _ShiftedMask(exported("falcon-tiny", dtype="fp32"))
+    rt = _ShiftedMask(exported("falcon-tiny", precision="fp32"))
     err = max_err(run_script(rt), reference("falcon-tiny"))
     assert err > 10 * FP32_ATOL, f"a shifted mask went unnoticed (error {err:.2e})"
 
 
 def test_negative_control_lost_mamba_state_fails(exported, reference):
-    rt = CoreMLRuntime(exported("falcon-mamba-tiny", dtype="fp32"))
+    rt = CoreMLRuntime(exported("falcon-mamba-tiny", precision="fp32"))
     # Drop the conv/SSM state before the second chunk (keeping the position): it starts from zeros.
     # Measured: <= 6e-4 until then, 1.1 on the chunk that lost its state.
     outs = run_script(rt, before_last=lambda r: r._reset(1))
@@ -172,7 +168,7 @@ def test_negative_control_lost_mamba_state_fails(exported, reference):
 
 @pytest.mark.parametrize("preset", list(ARCH_OF))
 def test_states_written_and_match_reference(preset, exported, load_preset):
-    path = exported(preset, dtype="fp32")
+    path = exported(preset, precision="fp32")
     program = MilProgram.load(path / "model.mlpackage")
     layers = load_preset(preset).config.num_hidden_layers
     counts = to_coreml.state_writes(program.program)
@@ -261,7 +257,7 @@ COMPRESSION = [("falcon40b-tiny", "int8", 0.05, "constexpr_blockwise_shift_scale
 
 @pytest.mark.parametrize("preset,method,rel_bound,op", COMPRESSION)
 def test_compressed_package_runs_and_error_is_bounded(preset, method, rel_bound, op, exported, reference, load_preset):
-    path = exported(preset, dtype="fp16", quantize=method)
+    path = exported(preset, precision="fp16", quantize=method)
     manifest = json.loads((path / "manifest.json").read_text())
     q = manifest["quantization"]
     assert q["method"] == method and q["compressed"]["tensors"] > 0
@@ -286,7 +282,7 @@ def test_compressed_package_runs_and_error_is_bounded(preset, method, rel_bound,
 
 
 def test_package_is_what_swift_transformers_loads(exported, load_preset):
-    path = exported("falcon-tiny", dtype="fp16")
+    path = exported("falcon-tiny", precision="fp16")
     spec = ct.utils.load_spec(str(path / "model.mlpackage"))
     assert spec.specificationVersion >= 9 and spec.WhichOneof("Type") == "mlProgram"  # iOS18: states
     desc = spec.description
@@ -307,10 +303,12 @@ def test_package_is_what_swift_transformers_loads(exported, load_preset):
 
 
 def test_manifest_and_side_files(exported):
-    path = exported("falcon-mamba-tiny", dtype="fp32")
+    path = exported("falcon-mamba-tiny", precision="fp32")
     m = json.loads((path / "manifest.json").read_text())
     assert m["format"] == "coreml" and m["model_file"] == "model.mlpackage" and m["max_context"] == CONTEXT
-    assert m["extras"]["states"] == {"conv": "convState", "ssm": "ssmState"} and "causal_mask" not in m["extras"]["inputs"]
+    names = {b["canonical"]: b["name"] for b in m["bindings"]}
+    assert names == {"input_ids": "inputIds", "logits": "logits", "conv": "convState", "ssm": "ssmState"}
+    assert m["io"]["mask"] == "none" and all(s["holds"] for s in m["io"]["states"])
     assert m["extras"]["deployment_target"] == "iOS18" and (path / "tokenizer.json").is_file()
 
 
@@ -324,7 +322,7 @@ def _copy(path: Path, tmp_path: Path) -> Path:
 
 
 def test_not_an_ml_program(exported, tmp_path):
-    bad = _copy(exported("falcon-tiny", dtype="fp32"), tmp_path)
+    bad = _copy(exported("falcon-tiny", precision="fp32"), tmp_path)
     spec = ct.proto.Model_pb2.Model(specificationVersion=4)
     spec.neuralNetwork.SetInParent()
     (bad / "model.mlpackage/Data/com.apple.CoreML/model.mlmodel").write_bytes(spec.SerializeToString())
@@ -333,7 +331,7 @@ def test_not_an_ml_program(exported, tmp_path):
 
 
 def test_missing_weights_file(exported, tmp_path):
-    bad = _copy(exported("falcon-tiny", dtype="fp32"), tmp_path)
+    bad = _copy(exported("falcon-tiny", precision="fp32"), tmp_path)
     (bad / "model.mlpackage/Data/com.apple.CoreML/weights/weight.bin").unlink()
     with pytest.raises(PerchError, match="weight.bin"):
         CoreMLRuntime(bad)
@@ -342,18 +340,18 @@ def test_missing_weights_file(exported, tmp_path):
 def test_op_the_executor_does_not_know(exported, monkeypatch):
     monkeypatch.delitem(mil_ops.OPS, "gelu")
     with pytest.raises(PerchError, match="'gelu'"):
-        CoreMLRuntime(exported("falcon-tiny", dtype="fp32"))
+        CoreMLRuntime(exported("falcon-tiny", precision="fp32"))
 
 
 def test_context_longer_than_the_state(exported):
-    rt = CoreMLRuntime(exported("falcon-tiny", dtype="fp32"))
+    rt = CoreMLRuntime(exported("falcon-tiny", precision="fp32"))
     rt.prefill(np.ones((1, CONTEXT - 1), np.int64))
     with pytest.raises(PerchError, match="max context"):
         rt.prefill(np.ones((1, 2), np.int64))
 
 
 def test_batch_other_than_exported(exported):
-    rt = CoreMLRuntime(exported("falcon-tiny", dtype="fp32"))
+    rt = CoreMLRuntime(exported("falcon-tiny", precision="fp32"))
     with pytest.raises(PerchError, match="batch"):
         rt.reset(2)
 
@@ -362,7 +360,8 @@ def test_deployment_target_below_ios18_with_states(load_preset):
     with pytest.raises(PerchError, match="iOS18"):
         to_coreml.check_target("iOS17", has_states=True)
     ckpt = load_preset("falcon-tiny")
-    module = to_coreml.stateful_module(ckpt, CONTEXT, 1, torch.float32)
+    io = arch_module(ckpt.arch).io_spec(ckpt.config, CONTEXT, "stateful", "float16")
+    module = to_coreml.stateful_module(ckpt, io, CONTEXT, 1, torch.float32)
     with pytest.raises(PerchError, match="states need iOS18"):
-        to_coreml.convert_function(None, module, "falcon", ["keyCache", "valueCache"], CONTEXT,
-                                   ExportOptions(to="coreml"), target="iOS17")
+        to_coreml.convert_function(None, module, io, ["keyCache", "valueCache"], CONTEXT,
+                                   options_for("coreml"), target="iOS17")

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer, FalconMambaConfig, FalconMambaForCausalLM, PreTrainedTokenizerFast
 from transformers.models.falcon_mamba import modeling_falcon_mamba as hf_mamba
 
-from perch import fixtures, tokenizer
+from perch.dev import fixtures, tokenizer
 from perch.errors import PerchError
 
 # Few steps and a short held-out slice keep this file fast; the full recipe is the slow test's.

@@ -12,7 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, FalconConfig, FalconMambaConfig, LlamaConfig
 
-from perch.archs import SUPPORTED, describe_supported, detect_arch, falcon_layout, falcon_variant
+from perch.archs import ARCH_MODULES, all_archs, describe_supported, detect_arch
+from perch.archs.falcon import falcon_layout, falcon_variant
 from perch.errors import PerchError, UnsupportedModel
 from perch.loading.checkpoint import (build_hf_model, load_checkpoint, load_config, load_state_dict,
                            resolve_model_dir)
@@ -20,7 +21,7 @@ from tests.tiny_models import FALCON, MAMBA, TINY, copy_model, edit_config, logi
 
 # ---------------------------------------------------------------- the registry
 def test_every_supported_arch_has_a_tiny_model():
-    assert {arch for _, arch, _ in TINY.values()} == set(SUPPORTED)
+    assert {arch for _, arch, _ in TINY.values()} == set(ARCH_MODULES)
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -48,7 +49,7 @@ def test_falcon_layout_resolves_transformers_rules():
     assert (lay.num_kv_heads, lay.parallel_attn) == (4, False)
     assert lay.layer_norms == ("input_layernorm", "post_attention_layernorm")
     text = describe_supported()
-    assert all(n in text for e in SUPPORTED.values() for n in e["hf_model_types"] + e["hf_architectures"])
+    assert all(n in text for m in all_archs().values() for n in m.HF_MODEL_TYPES + m.HF_ARCHITECTURES)
 
 
 def test_rotary_buffers_without_transformers_init():

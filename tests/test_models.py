@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from perch.runtimes.pytorch.eager import EagerRuntime
-from perch.archs import ARCH_MODULES, arch_module
+from perch.archs import arch_module
 from perch.dev.presets import PRESETS
 from perch.runtimes.pytorch.reference import ReferenceRuntime
-from tests.conftest import TINY_PRESETS
+from tests.matrix import ARCHS, TINY_PRESETS, buffer_names, prompt, stateful_args
 
 TOL = 1e-4
 # Falcon variants that are config, not presets: each must equal transformers too.
@@ -22,11 +22,6 @@ FALCON_VARIANTS = {
 }
 
 
-def test_every_registered_arch_has_a_tiny_preset():
-    covered = {PRESETS[p].arch for p in TINY_PRESETS}
-    assert covered == set(ARCH_MODULES), f"architectures without a tiny preset in the tests: {set(ARCH_MODULES) - covered}"
-
-
 def hf_logits(ckpt, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """One full transformers forward (never its chunked path: FalconMamba's restarts the SSM)."""
     ref = ReferenceRuntime(ckpt)
@@ -34,12 +29,8 @@ def hf_logits(ckpt, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarr
     return ref.prefill(ids, mask)
 
 
-def prompt(batch: int, t: int, vocab: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(1, vocab, size=(batch, t))
-
-
 # Falcon has no scan; Falcon-Mamba runs with each of its three scan forms.
-CASES = [(n, s) for n in TINY_PRESETS for s in (("loop", "logdepth", "scan") if "mamba" in n else ("loop",))]
+CASES = [(n, s) for row in ARCHS.values() for n in row["presets"] for s in row["scans"]]
 
 
 @pytest.mark.parametrize("name,scan", CASES)
@@ -113,18 +104,12 @@ def test_stateful_front_end_matches_transformers(load_preset, name):
     ckpt = load_preset(name)
     mod = arch_module(ckpt.arch)
     core = mod.build(ckpt.config, dict(ckpt.state_dict), 64, scan="logdepth")
-    model = mod.Stateful(core, batch_size=1, state_dtype=torch.float32)
+    io = mod.io_spec(ckpt.config, 64, "stateful")
+    model = mod.stateful(core, 1, torch.float32, buffer_names(io))
     ids = torch.from_numpy(prompt(1, 20, ckpt.config.vocab_size, seed=4))
     chunks = [(0, 12), (12, 13), (13, 14), (14, 15), (15, 20)]
     outs = []
     with torch.no_grad():
         for s, e in chunks:
-            args = (ids[:, s:e],) if ckpt.arch == "falcon_mamba" else (ids[:, s:e], additive(e - s, e))
-            outs.append(model(*args))
+            outs.append(model(*stateful_args(io, ids[:, s:e], e)))
     assert np.abs(torch.cat(outs, 1).numpy() - hf_logits(ckpt, ids.numpy())).max() <= TOL
-
-
-def additive(t: int, end: int) -> torch.Tensor:
-    from perch.archs.falcon import additive_mask
-
-    return additive_mask(torch.ones(1, end, dtype=torch.long), t)

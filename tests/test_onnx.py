@@ -18,13 +18,13 @@ import onnx
 import pytest
 
 from perch.exporter import to_onnx
-from perch.exporter.export import ExportOptions, export
+from perch.exporter.export import export, options_for
 from perch.errors import PerchError
 from perch.dev.presets import PRESETS
 from perch.spec import Manifest
 from perch.runtimes.onnxrt import OnnxRuntime
 from perch.runtimes.pytorch.reference import ReferenceRuntime
-from tests.conftest import TINY_PRESETS
+from tests.matrix import TINY_PRESETS
 
 MAX_CONTEXT = 64
 FP32_TOL = 1e-4
@@ -48,12 +48,6 @@ QUANT = {"int8": ("int8", 32), "int4": ("int4", 32), "int4-128": ("int4", 128)}
 EXTERNAL = ("falcon40b-tiny", "fp32")  # exported with the external-data threshold forced to 0
 
 
-def test_every_registered_arch_is_exported_here():
-    from perch.archs import ARCH_MODULES
-
-    assert {PRESETS[p].arch for p in TINY_PRESETS} == set(ARCH_MODULES)
-
-
 # ---------------------------------------------------------------- artifacts, made once per module
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, load_preset):
@@ -70,12 +64,12 @@ def artifacts(tmp_path_factory, load_preset):
         elif kind == "fp16-int4":  # MatMulNBits with fp16 activations and scales
             to_onnx.quantize_artifact(get(name, "fp16"), out, "int4", 32)
         else:
-            opts = {"fp16": dict(dtype="fp16"), "inplace": dict(variant="inplace"),
+            opts = {"fp16": dict(precision="fp16"), "inplace": dict(variant="inplace"),
                     "int4-export": dict(quantize="int4", block_size=32)}.get(kind, {})
             with pytest.MonkeyPatch.context() as mp:
                 if (name, kind) == EXTERNAL:  # force the external-data path a 7B export takes
                     mp.setattr(to_onnx, "EXTERNAL_DATA_THRESHOLD", 0)
-                export(load_preset(name), out, ExportOptions(to="onnx", max_context=MAX_CONTEXT, **opts))
+                export(load_preset(name), out, options_for("onnx", max_context=MAX_CONTEXT, **opts))
         made[(name, kind)] = out
         return out
 

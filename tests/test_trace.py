@@ -8,11 +8,11 @@ import torch
 
 from perch.archs import arch_module
 from perch.runtimes.base import empty_state, model_inputs
-from tests.conftest import TINY_PRESETS
+from tests.matrix import TINY_PRESETS, buffer_names, stateful_args
 
 
 def past_present_args(ckpt, mod, batch: int, t: int, past: int):
-    io = mod.io_spec(ckpt.config, 64)
+    io = mod.io_spec(ckpt.config, 64, "past_present")
     ids = np.random.default_rng(t).integers(1, ckpt.config.vocab_size, size=(batch, t))
     mask = np.ones((batch, past + t), dtype=np.int64)
     positions = np.arange(past, past + t)[None].repeat(batch, 0)
@@ -29,9 +29,10 @@ def past_present_args(ckpt, mod, batch: int, t: int, past: int):
 def test_jit_trace_stateful(load_preset, name):
     ckpt = load_preset(name)
     mod = arch_module(ckpt.arch)
-    model = mod.Stateful(mod.build(ckpt.config, dict(ckpt.state_dict), 64, scan="logdepth"), 1, torch.float32)
-    ids = torch.randint(1, ckpt.config.vocab_size, (1, 5))
-    args = (ids,) if ckpt.arch == "falcon_mamba" else (ids, torch.zeros(1, 1, 5, 5))
+    io = mod.io_spec(ckpt.config, 64, "stateful")
+    model = mod.stateful(mod.build(ckpt.config, dict(ckpt.state_dict), 64, scan="logdepth"), 1, torch.float32,
+                         buffer_names(io))
+    args = stateful_args(io, torch.randint(1, ckpt.config.vocab_size, (1, 5)), 5)
     with torch.no_grad():
         traced = torch.jit.trace(model, args, check_trace=False)
     assert traced.graph is not None
@@ -41,11 +42,11 @@ def test_jit_trace_stateful(load_preset, name):
 def test_torch_export_past_present_dynamic(load_preset, name):
     ckpt = load_preset(name)
     mod = arch_module(ckpt.arch)
-    graph = mod.PastPresent(mod.build(ckpt.config, dict(ckpt.state_dict), 64, scan="scan"))
+    graph = mod.past_present(mod.build(ckpt.config, dict(ckpt.state_dict), 64, scan="scan"))
     args = past_present_args(ckpt, mod, 2, 5, 3)
     # DYNAMIC lets torch.export derive the relations (Falcon: mask length = past + sequence).
     dyn = torch.export.Dim.DYNAMIC
-    io = mod.io_spec(ckpt.config, 64)
+    io = mod.io_spec(ckpt.config, 64, "past_present")
     inputs = tuple({a: dyn for a, axis in enumerate(s.shape) if isinstance(axis, str)} for s in io.inputs)
     state_axes = {a: dyn for a, axis in enumerate(io.states[0].shape) if isinstance(axis, str)}
     shapes = (*inputs, tuple(state_axes for _ in args[len(inputs):]))

@@ -162,7 +162,7 @@ def open_check(path: str | Path, *, reference: str | None, prompts: str | Path |
                              f"{manifest.arch} with {manifest.hf_config.get('vocab_size')}: pass the --reference it "
                              "was exported from")
         ids = tokenize(texts, [Path(path), ckpt.model_dir], vocab, manifest.max_context - max_new_tokens)
-        art = open_artifact(path, device=device)
+        art = open_artifact(path, device=device, manifest=manifest)
     except BaseException:
         ref.close()
         raise

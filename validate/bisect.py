@@ -5,7 +5,7 @@ The hidden states come from Perch's own export-ready module (`core.run(..., hidd
 through the runtime's real call pattern (prefill, then one step per token, state carried between calls),
 so a bug in the step path (a wrong position, a dropped state write) shows up at the layer it hits. The
 reference is one full transformers forward, each decoder layer's output (never its chunked path:
-FalconMamba's restarts the SSM, see FINDINGS). An ONNX or Core ML artifact exposes only logits: its
+FalconMamba's restarts the SSM, see docs/traps.md). An ONNX or Core ML artifact exposes only logits: its
 bisect rebuilds Perch's module from the source checkpoint, which tells "our model code" from "the
 conversion or its runtime".
 """

@@ -1,87 +1,11 @@
-"""How a CheckReport looks to a person: the terminal summary, report.md and the PNG plots (matplotlib Agg)."""
+"""report.md, the PNG plots (matplotlib Agg) and the report directory; the terminal summary is summary.py."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from perch.validate.report import CheckReport, _fmt
-
-# (overall key, label, tolerance field, True if the limit is an upper bound)
-ROWS = (
-    ("max_abs", "max |logit diff|", "max_abs", True),
-    ("rel_l2", "relative L2 (worst step)", "rel_l2", True),
-    ("cosine", "cosine (worst step)", "min_cosine", False),
-    ("max_kl", "KL ref||art (worst step)", "max_kl", True),
-    ("mean_kl", "KL ref||art (mean)", "mean_kl", True),
-    ("top1", "top-1 agreement", "min_top1", False),
-    ("top5", "top-5 overlap", "min_top5", False),
-    ("greedy_match", "greedy match (mean)", "min_greedy_match", False),
-    ("state_rel_l2", "state relative L2", "state_rel_l2", True),
-)
-SPEED_ROWS = (("ttft_ms", "time to first token (ms)"), ("prefill_tok_s", "prefill (tok/s)"),
-              ("decode_tok_s", "decode (tok/s)"), ("decode_ms_per_token", "decode (ms/token)"),
-              ("peak_rss_mb", "peak host RSS (MB)"), ("peak_gpu_mb", "peak GPU memory (MB)"))
-
-
-def _metric_rows(report: CheckReport) -> list[tuple[str, str, str, str]]:
-    rows = []
-    for key, label, limit_name, upper in ROWS:
-        value, limit = report.overall.get(key), getattr(report.tolerances, limit_name)
-        if limit is None:
-            verdict = "-"
-        else:
-            ok = value <= limit if upper else value >= limit
-            verdict = "ok" if ok else "FAIL"
-        shown = ("<= " if upper else ">= ") + _fmt(limit) if limit is not None else "not checked"
-        rows.append((label, _fmt(value), shown, verdict))
-    return rows
-
-
-def _describe(side: dict) -> str:
-    bits = [side.get("runtime", "?")]
-    for key in ("format", "precision", "dtype", "device", "model", "path"):
-        if side.get(key) and not (key == "path" and side[key] == side.get("model")):
-            bits.append(f"{key}={side[key]}")
-    return " ".join(str(b) for b in bits)
-
-
-def _speed_lines(speed: dict) -> list[str]:
-    ref, art, ratios = speed["reference"], speed["artifact"], speed["ratios"]
-    lines = [f"  {'':<26}{'reference':>12}{'artifact':>12}{'art/ref':>9}"]
-    for key, label in SPEED_ROWS:
-        if ref.get(key) is None and art.get(key) is None:
-            continue
-        lines.append(f"  {label:<26}{_fmt(ref.get(key)):>12}{_fmt(art.get(key)):>12}{_fmt(ratios.get(key)):>9}")
-    return lines
-
-
-def _bisect_line(b: dict) -> str:
-    return f"bisect: {b.get('message', '')}"
-
-
-def summary_text(report: CheckReport) -> str:
-    verdict = "PASS" if report.passed else "FAIL"
-    head = (f"perch check: {verdict}  ({len(report.prompts)} prompt(s), {report.max_new_tokens} new tokens, "
-            f"{report.overall['steps']} steps compared, {report.seconds:.1f} s)")
-    lines = [head, f"  artifact:  {_describe(report.artifact)}", f"  reference: {_describe(report.reference)}",
-             f"  limits:    {report.tolerances.precision}", ""]
-    lines += [f"  {label:<26}{value:>11}  {limit:<14}{v}" for label, value, limit, v in _metric_rows(report)]
-    drift = report.first_drift
-    if drift:
-        lines.append(f"\nfirst drift: prompt {drift['prompt']}, step {drift['step']} ({drift['phase']}): "
-                     f"{', '.join(drift['metrics'])}")
-    if report.failures:
-        lines.append(f"\nfailures ({len(report.failures)}):")
-        shown = report.failures[:8]
-        lines += [f"  - {f.line()}" for f in shown]
-        if len(report.failures) > len(shown):
-            lines.append(f"  ... and {len(report.failures) - len(shown)} more in report.json")
-    if report.speed:
-        lines += ["", "speed (median of repeats):", *_speed_lines(report.speed)]
-    if report.bisect:
-        lines += ["", _bisect_line(report.bisect)]
-    if report.files.get("markdown"):
-        lines += ["", f"report: {report.files['markdown']}"]
-    return "\n".join(lines)
+from perch.validate.report import CheckReport, validate_report
+from perch.validate.summary import _describe, _metric_rows, _speed_lines, fmt as _fmt
 
 
 def _md_table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
@@ -165,3 +89,19 @@ def plot_speed(speed: dict, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def write_report(report: CheckReport, directory: str | Path) -> dict[str, Path]:
+    """Write report.json, report.md and the PNG plots into `directory`; returns {kind: path}."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"errors_png": plot_errors(report, out / "error_per_step.png")}
+    if report.speed:
+        files["speed_png"] = plot_speed(report.speed, out / "speed.png")
+    report.files = {k: str(v) for k, v in files.items()}
+    report.files.update(json=str(out / "report.json"), markdown=str(out / "report.md"))
+    (out / "report.md").write_text(markdown(report))
+    data = report.to_dict()
+    validate_report(data)  # never write a report.json that breaks its own contract
+    (out / "report.json").write_text(json.dumps(data, indent=2) + "\n")
+    return {**files, "json": out / "report.json", "markdown": out / "report.md"}

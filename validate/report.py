@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from perch import __version__
+from perch.validate.summary import fmt as _fmt, summary_text
 
 REPORT_SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("report_schema.json")
@@ -148,19 +149,7 @@ class CheckReport:
 
     def summary(self) -> str:
         """A one-screen terminal summary: verdict, worst values against limits, failures, speed, bisect."""
-        from perch.validate.render import summary_text
-
         return summary_text(self)
-
-
-def _fmt(x) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float) and (math.isinf(x) or math.isnan(x)):
-        return str(x)
-    if isinstance(x, float) and 0.999 < x < 1.0:
-        return f"1-{1.0 - x:.2g}"  # a cosine or agreement just under 1: ".3g" would print "1"
-    return f"{x:.3g}" if isinstance(x, float) else str(x)
 
 
 def _json_num(v):
@@ -187,21 +176,3 @@ def validate_report(data: dict) -> None:
     import jsonschema
 
     jsonschema.validate(data, load_schema(), cls=jsonschema.Draft202012Validator)
-
-
-def write_report(report: CheckReport, directory: str | Path) -> dict[str, Path]:
-    """Write report.json, report.md and the PNG plots into `directory`; returns {kind: path}."""
-    from perch.validate.render import markdown, plot_errors, plot_speed
-
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"errors_png": plot_errors(report, out / "error_per_step.png")}
-    if report.speed:
-        files["speed_png"] = plot_speed(report.speed, out / "speed.png")
-    report.files = {k: str(v) for k, v in files.items()}
-    report.files.update(json=str(out / "report.json"), markdown=str(out / "report.md"))
-    (out / "report.md").write_text(markdown(report))
-    data = report.to_dict()
-    validate_report(data)  # never write a report.json that breaks its own contract
-    (out / "report.json").write_text(json.dumps(data, indent=2) + "\n")
-    return {**files, "json": out / "report.json", "markdown": out / "report.md"}

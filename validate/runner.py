@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from perch.validate import metrics
-from perch.validate.report import CheckReport, Failure, PromptResult, write_report
+from perch.validate.render import write_report
+from perch.validate.report import CheckReport, Failure, PromptResult
 from perch.validate.tolerances import Tolerances
 
 # per-step metric -> (row function, True if the limit is an upper bound), in report order

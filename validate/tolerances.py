@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
+from perch.archs import arch_module
 from perch.errors import PerchError
 
 
@@ -98,20 +99,6 @@ DEFAULTS: dict[str, Tolerances] = {
     )
 }
 
-# The SSM recurrence carries 4-bit weight error forward: Falcon-Mamba's int4/palettize4 errors are 3-5x
-# Falcon's. Measured (ONNX int4, Core ML int4 and palettize4, eager sims): rel_l2 0.28, cosine 0.969,
-# max KL 0.047, mean KL 9.9e-3, top-1 0.918, top-5 0.902, state 0.144. broken (dropped write): rel_l2 0.43,
-# max KL 0.097, state 1.0; only the state limit separates that one cleanly at 4 bits.
-ARCH_OVERRIDES: dict[tuple[str, str], dict] = {
-    ("falcon_mamba", "int4"): dict(rel_l2=0.45, min_cosine=0.95, max_kl=0.1, mean_kl=0.02, min_top1=0.85,
-                                   min_top5=0.85, state_rel_l2=0.3,
-                                   basis="Falcon-Mamba fixture, int4: rel_l2 0.21, max KL 0.04, top-1 0.922"),
-    ("falcon_mamba", "palettize4"): dict(rel_l2=0.5, min_cosine=0.93, max_kl=0.12, mean_kl=0.025, min_top1=0.8,
-                                         min_top5=0.8, state_rel_l2=0.35,
-                                         basis="Falcon-Mamba fixture, palettize4: rel_l2 0.28, max KL 0.047, "
-                                               "top-1 0.918"),
-}
-
 # --reference-dtype -> the precision whose limits describe how far that reference is from fp32
 REFERENCE_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "bnb8": "int8", "bnb4": "int4"}
 
@@ -120,7 +107,8 @@ def tolerance_for_precision(precision: str, arch: str | None = None) -> Toleranc
     """The default limits for a precision key ("fp32", "int4", ...), with `arch`'s overrides if it has any."""
     if precision not in DEFAULTS:
         raise PerchError(f"no tolerances for precision {precision!r}; known: {', '.join(DEFAULTS)}")
-    return DEFAULTS[precision].with_overrides(**ARCH_OVERRIDES.get((arch, precision), {}))
+    overrides = arch_module(arch).TOLERANCES.get(precision, {}) if arch else {}
+    return DEFAULTS[precision].with_overrides(**overrides)
 
 
 def precision_of(manifest) -> str:

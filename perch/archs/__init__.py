@@ -1,83 +1,117 @@
-"""The architectures Perch exports, as data: HF names, variants, and what each one rejects.
+"""The architectures Perch exports: one module per architecture, one registry, one typed protocol.
 
-`SUPPORTED` is the single table `perch export --list` prints and `detect_arch` matches against. A checkpoint
-is recognised by its `model_type` (or, failing that, its `architectures`), then checked for the variants we
-cannot export (ALiBi, RoPE scaling, non-bitsandbytes quantization, combinations transformers cannot run).
+An architecture module (perch/archs/<model_type>.py) holds everything about its architecture and nothing
+about backends: its HF names, the config check that refuses what it does not implement, weight quirks, the
+export-ready torch module with its cache policy as a hook, and its I/O spec per front-end (canonical names,
+named axes, the mask contract) from which every backend derives its own names. Adding an architecture means
+adding its module and one line to `ARCH_MODULES`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+from types import ModuleType
+from typing import Any, Protocol, runtime_checkable
 
 from perch.errors import UnsupportedModel
 
-SUPPORTED: dict[str, dict] = {
-    "falcon": {
-        "hf_model_types": ["falcon", "RefinedWebModel", "RefinedWeb"],
-        "hf_architectures": ["FalconForCausalLM", "RWForCausalLM"],
-        "description": "Falcon decoder with rotary attention (Falcon-7B/40B/180B, Falcon2-11B)",
-        "variants": [
-            "multi_query: one K,V head shared by all query heads (Falcon-7B)",
-            "grouped: new_decoder_architecture, num_kv_heads K,V groups (Falcon-40B/180B, Falcon2-11B)",
-            "multi_head: multi_query=false, one K,V head per query head",
-            "attention and MLP in parallel (parallel_attn) or in sequence",
-        ],
-        "prefix": "transformer",  # the base model's attribute in FalconForCausalLM
-        "embedding": "transformer.word_embeddings.weight",
-    },
-    "falcon_mamba": {
-        "hf_model_types": ["falcon_mamba"],
-        "hf_architectures": ["FalconMambaForCausalLM"],
-        "description": "Falcon-Mamba selective state-space model (Falcon-Mamba-7B)",
-        "variants": ["one variant: Mamba-1 mixer with RMS-normed B, C and dt"],
-        "prefix": "backbone",
-        "embedding": "backbone.embeddings.weight",
-    },
-}
-
+# name -> module. The name is Perch's architecture name, recorded in every manifest.
+ARCH_MODULES = {"falcon": "perch.archs.falcon", "falcon_mamba": "perch.archs.falcon_mamba"}
+FRONTENDS = ("past_present", "stateful", "inplace")
 _NOT_SUPPORTED_NOTE = "ALiBi Falcon checkpoints (falcon-rw-1b/7b), RoPE scaling, GPTQ/AWQ-quantized checkpoints"
 
 
+@runtime_checkable
+class Architecture(Protocol):
+    """What every architecture module provides (checked for each registered module by the tests)."""
+
+    NAME: str
+    HF_MODEL_TYPES: tuple[str, ...]  # config.json model_type values it accepts (legacy names included)
+    HF_ARCHITECTURES: tuple[str, ...]  # causal-LM class names; the first is what presets save
+    HF_CONFIG: str  # the transformers config class name
+    DESCRIPTION: str
+    VARIANTS: tuple[str, ...]
+    PREFIX: str  # the base model's attribute in the causal-LM class ("transformer", "backbone")
+    EMBEDDING: str  # state-dict key of the token embedding (tied heads, quantizers)
+    FRONTENDS: tuple[str, ...]  # which of FRONTENDS its module offers
+    STATE_HOLDS: dict[str, str]  # state kind -> what it holds, written into manifests for clients
+    TOLERANCES: dict[str, dict]  # precision -> limits looser than the defaults (with the measurement why)
+
+    def check_config(self, config) -> None: ...
+    def translate_config(self, raw: dict) -> dict: ...
+    def build(self, config, state_dict: dict, max_context: int, scan: str = "loop") -> Any: ...
+    def io_spec(self, config, max_context: int, frontend: str = "past_present", state_dtype: str = "float32"): ...
+    def past_present(self, core) -> Any: ...
+    def stateful(self, core, batch_size: int, state_dtype, names: dict[str, str]) -> Any: ...
+    def reference_forward(self, model, cache, ids, mask, positions) -> tuple[Any, Any]: ...
+    def reference_state(self, cache, config) -> dict: ...
+
+
+def arch_module(arch: str) -> ModuleType:
+    """The module of a registered architecture (imported on first use: torch loads only when needed)."""
+    if arch not in ARCH_MODULES:
+        raise UnsupportedModel(f"not supported: architecture {arch!r}. Perch exports: {', '.join(ARCH_MODULES)}")
+    return importlib.import_module(ARCH_MODULES[arch])
+
+
+def all_archs() -> dict[str, ModuleType]:
+    return {name: arch_module(name) for name in ARCH_MODULES}
+
+
 def _supported_names() -> str:
-    return ", ".join(f"{a} ({', '.join(e['hf_model_types'])})" for a, e in SUPPORTED.items())
+    return ", ".join(f"{a} ({', '.join(m.HF_MODEL_TYPES)})" for a, m in all_archs().items())
 
 
-def _unsupported(what: str) -> UnsupportedModel:
+def unsupported(what: str) -> UnsupportedModel:
+    """The one refusal message: what is not supported, and what Perch does export."""
     return UnsupportedModel(
         f"not supported: {what}. Perch exports: {_supported_names()}; `perch export --list` lists them."
     )
 
 
+def arch_for_model_type(model_type: str | None) -> ModuleType | None:
+    return next((m for m in all_archs().values() if model_type in m.HF_MODEL_TYPES), None)
+
+
+def translate_config(raw: dict) -> dict:
+    """A raw config.json dict with legacy names mapped by its architecture (e.g. Falcon's RefinedWeb)."""
+    mod = arch_for_model_type(raw.get("model_type"))
+    return mod.translate_config(raw) if mod is not None else raw
+
+
 def detect_arch(config) -> str:
-    """The Perch architecture name for a transformers config, or UnsupportedModel ("not supported: ...")."""
+    """The Perch architecture name for a transformers config, or UnsupportedModel ("not supported: ...").
+
+    Matched on `model_type`, then (when a config has none) on `architectures`; then the architecture's
+    own check refuses every field or value it does not implement.
+    """
     model_type = getattr(config, "model_type", None)
     architectures = list(getattr(config, "architectures", None) or [])
-    arch = next((a for a, e in SUPPORTED.items() if model_type in e["hf_model_types"]), None)
-    if arch is None and not model_type:  # a config without model_type: trust its architectures
-        arch = next((a for a, e in SUPPORTED.items() if set(architectures) & set(e["hf_architectures"])), None)
-    if arch is None:
-        raise _unsupported(f"model_type {model_type!r} (architectures {architectures or 'unset'})")
-    heads = SUPPORTED[arch]["hf_architectures"]
-    if architectures and not set(architectures) & set(heads):
-        raise _unsupported(f"{', '.join(architectures)}: Perch exports causal language models ({', '.join(heads)})")
-    _check_quantization(config)
-    _check_rope(config)
-    if arch == "falcon":
-        falcon_layout(config)  # raises for the Falcon variants we cannot export
-    return arch
+    mod = arch_for_model_type(model_type)
+    if mod is None and not model_type:  # a config without model_type: trust its architectures
+        mod = next((m for m in all_archs().values() if set(architectures) & set(m.HF_ARCHITECTURES)), None)
+    if mod is None:
+        raise unsupported(f"model_type {model_type!r} (architectures {architectures or 'unset'})")
+    if architectures and not set(architectures) & set(mod.HF_ARCHITECTURES):
+        raise unsupported(f"{', '.join(architectures)}: Perch exports causal language models "
+                          f"({', '.join(mod.HF_ARCHITECTURES)})")
+    check_quantization(config)
+    check_rope(config)
+    mod.check_config(config)
+    return mod.NAME
 
 
-def _check_quantization(config) -> None:
+def check_quantization(config) -> None:
     qc = getattr(config, "quantization_config", None)
     if qc is None:
         return
     method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
     method = getattr(method, "value", method)  # transformers keeps an enum on config objects
     if method not in (None, "bitsandbytes"):
-        raise _unsupported(f"{method}-quantized checkpoint (only bitsandbytes 4/8-bit is dequantized); "
-                           "export from the unquantized model instead")
+        raise unsupported(f"{method}-quantized checkpoint (only bitsandbytes 4/8-bit is dequantized); "
+                          "export from the unquantized model instead")
 
 
-def _check_rope(config) -> None:
+def check_rope(config) -> None:
     # transformers 5 keeps RoPE settings in `rope_parameters`; 4.x in `rope_scaling`.
     for attr in ("rope_parameters", "rope_scaling"):
         params = getattr(config, attr, None)
@@ -85,82 +119,19 @@ def _check_rope(config) -> None:
             continue
         kind = params.get("rope_type", params.get("type"))
         if kind not in (None, "default"):
-            raise _unsupported(f"RoPE scaling {kind!r} ({attr}={params}); only default rotary embeddings export")
-
-
-@dataclass(frozen=True)
-class FalconLayout:
-    """What a Falcon config means once transformers' precedence rules are applied.
-
-    `num_kv_heads` is the number of K,V heads stored in `query_key_value` (1 for multi_query);
-    `layer_norms` names the LayerNorm modules each decoder layer has, in the order they are applied.
-    """
-
-    variant: str
-    parallel_attn: bool
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    layer_norms: tuple[str, ...]
-
-
-def falcon_layout(config) -> FalconLayout:
-    """Resolve a FalconConfig into its layout; UnsupportedModel for ALiBi and combinations HF cannot run."""
-    if getattr(config, "alibi", False):
-        raise _unsupported("ALiBi positional bias (alibi=true, e.g. tiiuae/falcon-rw-1b); "
-                           "Perch exports rotary Falcon models (falcon-7b, falcon-40b, falcon-11B)")
-    if getattr(config, "apply_residual_connection_post_layernorm", False):
-        raise _unsupported("apply_residual_connection_post_layernorm=true (transformers' Falcon ignores it)")
-    nh = config.num_attention_heads
-    new_decoder = bool(config.new_decoder_architecture)
-    n_ln = getattr(config, "num_ln_in_parallel_attn", None)
-    if new_decoder:
-        # transformers documents parallel_attn as ignored here, but its layer then builds the sequential
-        # norms and fails in forward (no ln_attn): no reference exists to validate an export against.
-        if not config.parallel_attn:
-            raise _unsupported("new_decoder_architecture with parallel_attn=false (transformers cannot run it)")
-        nkv, variant = config.num_kv_heads, "grouped"
-        norms = ("ln_attn", "ln_mlp") if n_ln in (None, 2) else ("input_layernorm",)
-    else:
-        if n_ln == 2 and config.parallel_attn:
-            raise _unsupported("num_ln_in_parallel_attn=2 without new_decoder_architecture "
-                               "(transformers cannot run it)")
-        nkv, variant = (1, "multi_query") if config.multi_query else (nh, "multi_head")
-        if not config.multi_query and config.num_kv_heads not in (None, nh):
-            raise _unsupported(f"multi_query=false with num_kv_heads={config.num_kv_heads} != {nh} heads")
-        norms = ("input_layernorm",) if config.parallel_attn else ("input_layernorm", "post_attention_layernorm")
-    if nkv < 1 or nh % nkv:
-        raise _unsupported(f"{nh} attention heads in {nkv} K,V groups (heads must divide evenly)")
-    return FalconLayout(variant, new_decoder or bool(config.parallel_attn), nh, nkv, config.hidden_size // nh, norms)
-
-
-def falcon_variant(config) -> str:
-    """One of "multi_query" (7B-style), "grouped" (new_decoder_architecture), "multi_head" (multi_query=false).
-
-    Whether attention and MLP run in parallel is `falcon_layout(config).parallel_attn`.
-    """
-    return falcon_layout(config).variant
+            raise unsupported(f"RoPE scaling {kind!r} ({attr}={params}); only default rotary embeddings export")
 
 
 def describe_supported() -> str:
     """The text `perch export --list` prints: each architecture, its HF names and its variants."""
     lines = ["Architectures Perch exports (matched on config.json's model_type, then architectures):", ""]
-    for arch, e in SUPPORTED.items():
+    for name, m in all_archs().items():
         lines += [
-            f"{arch}: {e['description']}",
-            f"  model_type:    {', '.join(e['hf_model_types'])}",
-            f"  architectures: {', '.join(e['hf_architectures'])}",
-            *(f"  variant:       {v}" for v in e["variants"]),
+            f"{name}: {m.DESCRIPTION}",
+            f"  model_type:    {', '.join(m.HF_MODEL_TYPES)}",
+            f"  architectures: {', '.join(m.HF_ARCHITECTURES)}",
+            *(f"  variant:       {v}" for v in m.VARIANTS),
             "",
         ]
     lines.append(f"Not supported: {_NOT_SUPPORTED_NOTE}.")
     return "\n".join(lines)
-
-
-ARCH_MODULES = {"falcon": "perch.archs.falcon", "falcon_mamba": "perch.archs.falcon_mamba"}
-
-
-def arch_module(arch: str):
-    import importlib
-
-    return importlib.import_module(ARCH_MODULES[arch])

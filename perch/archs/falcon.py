@@ -16,10 +16,109 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dataclasses import dataclass
+
+from perch.archs.masks import MASK_MIN, additive_mask  # noqa: F401 (MASK_MIN re-exported)
 from perch.spec import ModelIO, StateSpec, TensorSpec
 
-# Large enough that exp() underflows to 0, small enough that fp16 (max 65504) adds it to a score safely.
-MASK_MIN = -1.0e4
+NAME = "falcon"
+HF_MODEL_TYPES = ("falcon", "RefinedWebModel", "RefinedWeb")
+HF_ARCHITECTURES = ("FalconForCausalLM", "RWForCausalLM")
+HF_CONFIG = "FalconConfig"
+DESCRIPTION = "Falcon decoder with rotary attention (Falcon-7B/40B/180B, Falcon2-11B)"
+VARIANTS = (
+    "multi_query: one K,V head shared by all query heads (Falcon-7B)",
+    "grouped: new_decoder_architecture, num_kv_heads K,V groups (Falcon-40B/180B, Falcon2-11B)",
+    "multi_head: multi_query=false, one K,V head per query head",
+    "attention and MLP in parallel (parallel_attn) or in sequence",
+)
+PREFIX, EMBEDDING = "transformer", "transformer.word_embeddings.weight"
+FRONTENDS = ("past_present", "stateful", "inplace")
+STATE_HOLDS = {"key": "rotated keys at the true K,V head count (batch, kv_heads, context, head_dim)",
+               "value": "values at the true K,V head count (batch, kv_heads, context, head_dim)"}
+TOLERANCES: dict[str, dict] = {}
+_LEGACY_KEYS = {"n_embed": "hidden_size", "n_head": "num_attention_heads", "n_head_kv": "num_kv_heads",
+                "n_layer": "num_hidden_layers"}
+
+
+def translate_config(raw: dict) -> dict:
+    """RW remote-code config -> FalconConfig keys, as transformers' `convert_custom_code_checkpoint.py` does.
+
+    Why: Falcon shipped as remote code first; RefinedWeb (40B) is what FalconConfig calls
+    new_decoder_architecture, and n_head_kv marks it too.
+    """
+    if raw.get("model_type") not in ("RefinedWebModel", "RefinedWeb"):
+        return raw
+    out = {_LEGACY_KEYS.get(k, k): v for k, v in raw.items()}
+    out["new_decoder_architecture"] = raw["model_type"] == "RefinedWeb" or "n_head_kv" in raw
+    out["model_type"] = "falcon"
+    out["architectures"] = ["FalconForCausalLM" if a == "RWForCausalLM" else a
+                            for a in raw.get("architectures") or ["RWForCausalLM"]]
+    return out
+
+
+@dataclass(frozen=True)
+class FalconLayout:
+    """What a Falcon config means once transformers' precedence rules are applied.
+
+    `num_kv_heads` is the number of K,V heads stored in `query_key_value` (1 for multi_query);
+    `layer_norms` names the LayerNorm modules each decoder layer has, in the order they are applied.
+    """
+
+    variant: str
+    parallel_attn: bool
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    layer_norms: tuple[str, ...]
+
+
+def _unsupported(what: str):
+    from perch.archs import unsupported
+
+    return unsupported(what)
+
+
+def falcon_layout(config) -> FalconLayout:
+    """Resolve a FalconConfig into its layout; UnsupportedModel for ALiBi and combinations HF cannot run."""
+    if getattr(config, "alibi", False):
+        raise _unsupported("ALiBi positional bias (alibi=true, e.g. tiiuae/falcon-rw-1b); "
+                           "Perch exports rotary Falcon models (falcon-7b, falcon-40b, falcon-11B)")
+    if getattr(config, "apply_residual_connection_post_layernorm", False):
+        raise _unsupported("apply_residual_connection_post_layernorm=true (transformers' Falcon ignores it)")
+    nh = config.num_attention_heads
+    new_decoder = bool(config.new_decoder_architecture)
+    n_ln = getattr(config, "num_ln_in_parallel_attn", None)
+    if new_decoder:
+        # transformers documents parallel_attn as ignored here, but its layer then builds the sequential
+        # norms and fails in forward (no ln_attn): no reference exists to validate an export against.
+        if not config.parallel_attn:
+            raise _unsupported("new_decoder_architecture with parallel_attn=false (transformers cannot run it)")
+        nkv, variant = config.num_kv_heads, "grouped"
+        norms = ("ln_attn", "ln_mlp") if n_ln in (None, 2) else ("input_layernorm",)
+    else:
+        if n_ln == 2 and config.parallel_attn:
+            raise _unsupported("num_ln_in_parallel_attn=2 without new_decoder_architecture "
+                               "(transformers cannot run it)")
+        nkv, variant = (1, "multi_query") if config.multi_query else (nh, "multi_head")
+        if not config.multi_query and config.num_kv_heads not in (None, nh):
+            raise _unsupported(f"multi_query=false with num_kv_heads={config.num_kv_heads} != {nh} heads")
+        norms = ("input_layernorm",) if config.parallel_attn else ("input_layernorm", "post_attention_layernorm")
+    if nkv < 1 or nh % nkv:
+        raise _unsupported(f"{nh} attention heads in {nkv} K,V groups (heads must divide evenly)")
+    return FalconLayout(variant, new_decoder or bool(config.parallel_attn), nh, nkv, config.hidden_size // nh, norms)
+
+
+def check_config(config) -> None:
+    """Refuse every Falcon setting this module does not implement, by name."""
+    if getattr(config, "activation", "gelu") != "gelu":  # FalconMLP below applies exact gelu
+        raise _unsupported(f"activation={config.activation!r} (this Falcon exporter implements activation='gelu')")
+    falcon_layout(config)
+
+
+def falcon_variant(config) -> str:
+    """One of "multi_query" (7B-style), "grouped" (new_decoder_architecture), "multi_head" (multi_query=false)."""
+    return falcon_layout(config).variant
 
 
 def rope_theta(config) -> float:
@@ -111,18 +210,12 @@ class FalconLayer(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        eps = config.layer_norm_epsilon
-        self.two_norms = config.new_decoder_architecture and (config.num_ln_in_parallel_attn or 2) == 2
-        self.parallel = config.new_decoder_architecture or config.parallel_attn
+        layout = falcon_layout(config)  # the one place transformers' layout rules are resolved
+        self.two_norms, self.parallel = "ln_mlp" in layout.layer_norms, layout.parallel_attn
         self.self_attention = FalconAttention(config)
         self.mlp = FalconMLP(config)
-        if self.two_norms:
-            self.ln_attn = nn.LayerNorm(config.hidden_size, eps=eps)
-            self.ln_mlp = nn.LayerNorm(config.hidden_size, eps=eps)
-        else:
-            self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=eps)
-        if not self.parallel:
-            self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=eps)
+        for name in layout.layer_norms:
+            setattr(self, name, nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon))
 
     def attn_input(self, x: torch.Tensor) -> torch.Tensor:
         return self.ln_attn(x) if self.two_norms else self.input_layernorm(x)
@@ -181,15 +274,6 @@ class FalconCore(nn.Module):
         return self.lm_head(self.transformer.ln_f(x)).float()
 
 
-def additive_mask(attention_mask: torch.Tensor, query_len: int) -> torch.Tensor:
-    """(B, S) 0/1 key mask -> (B, 1, T, S) additive causal mask; the T queries are the last T keys."""
-    s = attention_mask.shape[-1]
-    q_pos = torch.arange(s - query_len, s, device=attention_mask.device)[:, None]
-    k_pos = torch.arange(s, device=attention_mask.device)[None, :]
-    allowed = (k_pos <= q_pos)[None] & (attention_mask[:, None, :] > 0)
-    return torch.where(allowed, 0.0, MASK_MIN).unsqueeze(1)
-
-
 class FalconPastPresent(nn.Module):
     """(input_ids, attention_mask, position_ids, past k0, v0, k1, ...) -> (logits, present k0, v0, ...)."""
 
@@ -214,51 +298,53 @@ class FalconPastPresent(nn.Module):
 class FalconStateful(nn.Module):
     """Fixed-size K,V buffers (layers, B, nkv, max_context, hd) updated in place: Core ML state.
 
+    `names` maps the state kinds ("key", "value") to the buffer names the backend wants.
+
     forward(input_ids (B, T), causal_mask (B, 1, T, end)) -> logits. The T new tokens sit at positions
     end-T .. end-1, so one graph serves prefill, decode and further chunks.
     """
 
-    def __init__(self, core: FalconCore, batch_size: int = 1, state_dtype: torch.dtype = torch.float16):
+    def __init__(self, core: FalconCore, batch_size: int, state_dtype: torch.dtype, names: dict[str, str]):
         super().__init__()
-        self.core = core
+        self.core, self.names = core, names
         c = core.config
         shape = (c.num_hidden_layers, batch_size, num_kv_heads(c), core.max_context, c.hidden_size // c.num_attention_heads)
-        self.register_buffer("keyCache", torch.zeros(shape, dtype=state_dtype))
-        self.register_buffer("valueCache", torch.zeros(shape, dtype=state_dtype))
+        for kind in ("key", "value"):  # the buffer names are the backend's state names (traced as such)
+            self.register_buffer(names[kind], torch.zeros(shape, dtype=state_dtype))
 
     def forward(self, input_ids: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
         t, end = input_ids.shape[1], causal_mask.shape[-1]
         start = end - t
         positions = torch.arange(start, end, device=input_ids.device).unsqueeze(0).expand(input_ids.shape[0], t)
 
+        kc, vc = getattr(self, self.names["key"]), getattr(self, self.names["value"])
+
         def attend(i, attn, q, k, v, mask):
             # Write through the root buffer: a write through a view of it is silently dropped by Core ML.
-            self.keyCache[i : i + 1, :, :, start:end] = k.unsqueeze(0).to(self.keyCache.dtype)
-            self.valueCache[i : i + 1, :, :, start:end] = v.unsqueeze(0).to(self.valueCache.dtype)
-            k_all = self.keyCache[i, :, :, :end].to(k.dtype)
-            v_all = self.valueCache[i, :, :, :end].to(v.dtype)
-            return attn.attend(q, k_all, v_all, mask)
+            kc[i : i + 1, :, :, start:end] = k.unsqueeze(0).to(kc.dtype)
+            vc[i : i + 1, :, :, start:end] = v.unsqueeze(0).to(vc.dtype)
+            return attn.attend(q, kc[i, :, :, :end].to(k.dtype), vc[i, :, :, :end].to(v.dtype), mask)
 
         return self.core.run(input_ids, positions, causal_mask, attend)
 
 
-def io_spec(config, max_context: int, state_dtype: str = "float32") -> ModelIO:
-    """Inputs, outputs and per-layer K,V state of the past/present graph (optimum's naming)."""
+def io_spec(config, max_context: int, frontend: str = "past_present", state_dtype: str = "float32") -> ModelIO:
+    """Canonical I/O per front-end: past/present (dynamic past), inplace (fixed buffers, same feeds), stateful."""
     hd, n = config.hidden_size // config.num_attention_heads, config.num_hidden_layers
-    kv_shape = ("batch", num_kv_heads(config), "context", hd)
-    return ModelIO(
-        arch="falcon",
-        inputs=(
-            TensorSpec("input_ids", ("batch", "sequence"), "int64"),
-            TensorSpec("attention_mask", ("batch", "total_sequence"), "int64"),
-            TensorSpec("position_ids", ("batch", "sequence"), "int64"),
-        ),
-        outputs=(TensorSpec("logits", ("batch", "sequence", config.vocab_size), "float32"),),
-        states=(
-            StateSpec("key", kv_shape, state_dtype, n, "past_key_values.{i}.key", "present.{i}.key", "keyCache"),
-            StateSpec("value", kv_shape, state_dtype, n, "past_key_values.{i}.value", "present.{i}.value", "valueCache"),
-        ),
+    context = "context" if frontend == "past_present" else max_context
+    kv_shape = ("batch", num_kv_heads(config), context, hd)
+    states = tuple(StateSpec(kind, kv_shape, state_dtype, n, STATE_HOLDS[kind]) for kind in ("key", "value"))
+    logits = (TensorSpec("logits", ("batch", "sequence", config.vocab_size), "float32"),)
+    if frontend == "stateful":
+        inputs = (TensorSpec("input_ids", ("batch", "sequence"), "int32"),
+                  TensorSpec("causal_mask", ("batch", 1, "sequence", "total_sequence"), "float16"))
+        return ModelIO(NAME, frontend, "additive", inputs, logits, states)
+    inputs = (
+        TensorSpec("input_ids", ("batch", "sequence"), "int64"),
+        TensorSpec("attention_mask", ("batch", "total_sequence"), "int64"),
+        TensorSpec("position_ids", ("batch", "sequence"), "int64"),
     )
+    return ModelIO(NAME, frontend, "keys", inputs, logits, states)
 
 
 def build(config, state_dict: dict[str, torch.Tensor], max_context: int, **_options) -> FalconCore:
@@ -273,5 +359,34 @@ def build(config, state_dict: dict[str, torch.Tensor], max_context: int, **_opti
     return core.eval()
 
 
-# The names every architecture module exposes (see perch/archs/__init__.py).
-PastPresent, Stateful = FalconPastPresent, FalconStateful
+def past_present(core: FalconCore) -> nn.Module:
+    return FalconPastPresent(core)
+
+
+def stateful(core: FalconCore, batch_size: int, state_dtype: torch.dtype, names: dict[str, str]) -> nn.Module:
+    return FalconStateful(core, batch_size, state_dtype, names)
+
+
+# ---- transformers' own model as the reference (perch.runtimes.pytorch.reference)
+def reference_forward(model, cache, ids, mask, positions):
+    """One call of transformers' Falcon with its dynamic cache: any chunk continues correctly."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    return out.logits, out.past_key_values
+
+
+def reference_state(cache, config) -> dict[str, torch.Tensor]:
+    """Canonical per-layer K,V from transformers' cache, one head per K,V group (its sdpa path tiles them)."""
+    out = {}
+    for i in range(config.num_hidden_layers):
+        layer = cache.layers[i] if hasattr(cache, "layers") else None
+        k, v = (layer.keys, layer.values) if layer is not None else (cache.key_cache[i], cache.value_cache[i])
+        out[f"key.{i}"], out[f"value.{i}"] = _untile(k, config), _untile(v, config)
+    return out
+
+
+def _untile(t: torch.Tensor, config) -> torch.Tensor:
+    nkv = num_kv_heads(config)
+    if t.shape[1] != nkv:
+        b, nh, s, hd = t.shape
+        t = t.view(b, nkv, nh // nkv, s, hd)[:, :, 0]
+    return t

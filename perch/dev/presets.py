@@ -75,11 +75,13 @@ def cache_root() -> Path:
 
 def make_config(name: str):
     """The transformers config object of a preset."""
-    from transformers import FalconConfig, FalconMambaConfig
+    import transformers
+
+    from perch.archs import arch_module
 
     p = get(name)
-    cls = FalconConfig if p.arch == "falcon" else FalconMambaConfig
-    return cls(**p.config, architectures=["FalconForCausalLM" if p.arch == "falcon" else "FalconMambaForCausalLM"])
+    mod = arch_module(p.arch)
+    return getattr(transformers, mod.HF_CONFIG)(**p.config, architectures=[mod.HF_ARCHITECTURES[0]])
 
 
 def get(name: str) -> Preset:

@@ -12,20 +12,18 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from perch.archs import SUPPORTED, detect_arch
+from perch.archs import arch_for_model_type, detect_arch, translate_config, unsupported
 from perch.loading.bnb import _dequantize_bnb
+from perch.loading.files import arch_entry, read_json, read_tensor_file
+from perch.loading.lora import merge_adapter
 from perch.errors import PerchError
 
 SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
 PICKLE = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-_LEGACY_FALCON_KEYS = {"n_embed": "hidden_size", "n_head": "num_attention_heads", "n_head_kv": "num_kv_heads",
-                       "n_layer": "num_hidden_layers"}
 
 
 # ---------------------------------------------------------------- where the model is
@@ -69,43 +67,24 @@ def resolve_model_dir(model: str | Path) -> Path:
 def load_config(model_dir: str | Path):
     """The transformers config in `model_dir/config.json`, never via remote code.
 
-    Legacy Falcon remote-code configs (RefinedWebModel / RefinedWeb, RWForCausalLM) become a FalconConfig.
+    Legacy names are mapped by the architecture (e.g. Falcon's RefinedWeb remote-code configs -> FalconConfig).
     """
     path = Path(model_dir) / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PerchError(f"{path} not found: a model directory needs the config.json it was saved with") from None
-    except (OSError, ValueError) as e:
-        raise PerchError(f"{path} is unreadable or not valid JSON ({e}); re-download or re-save the model") from e
+    raw = read_json(path, "a model directory needs the config.json it was saved with")
     if not isinstance(raw, dict) or "model_type" not in raw:
         raise PerchError(f"{path} has no model_type: not a transformers config; re-save the model with save_pretrained")
     raw.pop("auto_map", None)  # the in-library class replaces any remote code it points to
-    if raw["model_type"] in ("RefinedWebModel", "RefinedWeb"):
-        raw = _translate_legacy_falcon(raw)
+    raw = translate_config(raw)
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if raw["model_type"] not in CONFIG_MAPPING:
-        detect_arch(SimpleNamespace(model_type=raw["model_type"], architectures=raw.get("architectures")))
+        if arch_for_model_type(raw["model_type"]) is None:
+            raise unsupported(f"model_type {raw['model_type']!r} (architectures {raw.get('architectures') or 'unset'})")
         raise PerchError(f"this transformers lacks model_type {raw['model_type']!r}: upgrade transformers")
     try:
         return CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
     except (TypeError, ValueError) as e:
         raise PerchError(f"{path}: invalid {raw['model_type']} config ({e}); fix or re-save config.json") from e
-
-
-def _translate_legacy_falcon(raw: dict) -> dict:
-    """RW remote-code config -> FalconConfig keys, as transformers' `convert_custom_code_checkpoint.py` does.
-
-    Why: Falcon shipped as remote code first; RefinedWeb (40B) is what FalconConfig calls
-    new_decoder_architecture, and n_head_kv marks it too.
-    """
-    out = {_LEGACY_FALCON_KEYS.get(k, k): v for k, v in raw.items()}
-    out["new_decoder_architecture"] = raw["model_type"] == "RefinedWeb" or "n_head_kv" in raw
-    out["model_type"] = "falcon"
-    out["architectures"] = ["FalconForCausalLM" if a == "RWForCausalLM" else a
-                            for a in raw.get("architectures") or ["RWForCausalLM"]]
-    return out
 
 
 def _plain_config(config):
@@ -114,10 +93,6 @@ def _plain_config(config):
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     return config
-
-
-def _arch_entry(config) -> dict | None:
-    return next((e for e in SUPPORTED.values() if getattr(config, "model_type", None) in e["hf_model_types"]), None)
 
 
 # ---------------------------------------------------------------- weights
@@ -152,25 +127,11 @@ def _shards(index: Path) -> list[Path]:
     return [index.parent / n for n in names]
 
 
-def _read_file(path: Path, fmt: str) -> dict[str, torch.Tensor]:
-    try:
-        if fmt == "safetensors":
-            with safe_open(str(path), framework="pt", device="cpu") as f:  # memory-mapped, zero-copy
-                return {k: f.get_tensor(k) for k in f.keys()}
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # safetensors and unpickling raise many types for one cause: a bad file
-        raise PerchError(f"cannot read {path}: {e}. The file is corrupt, truncated or not a checkpoint: "
-                         "re-download it.") from e
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise PerchError(f"{path} does not hold a flat state dict of tensors; re-save it with save_pretrained")
-    return sd
-
-
 def _read_weights(model_dir: Path, config, allow_pickle: bool, dtype: torch.dtype | None):
     fmt, files = _weight_files(model_dir, allow_pickle)
     sd: dict[str, torch.Tensor] = {}
     for f in files:
-        sd.update(_read_file(f, fmt))
+        sd.update(read_tensor_file(f, fmt))
     bnb = _dequantize_bnb(sd, dtype)
     if dtype is not None:  # .to() returns the same mmapped tensor when the dtype already matches
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
@@ -181,14 +142,14 @@ def _read_weights(model_dir: Path, config, allow_pickle: bool, dtype: torch.dtyp
 
 def _hf_keys(sd: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
     """Base-model checkpoints get the causal-LM prefix; a tied lm_head is the embedding, as in transformers."""
-    entry = _arch_entry(config)
+    entry = arch_entry(config)
     if entry is None:
         return sd
-    prefix = entry["prefix"] + "."
+    prefix = entry.PREFIX + "."
     if sd and not any(k.startswith(prefix) for k in sd):
         sd = {k if k.startswith("lm_head.") else prefix + k: v for k, v in sd.items()}
-    if getattr(config, "tie_word_embeddings", False) and entry["embedding"] in sd:
-        sd["lm_head.weight"] = sd[entry["embedding"]]
+    if getattr(config, "tie_word_embeddings", False) and entry.EMBEDDING in sd:
+        sd["lm_head.weight"] = sd[entry.EMBEDDING]
     elif "lm_head.weight" not in sd:
         raise PerchError("the checkpoint has no lm_head.weight and config.tie_word_embeddings is false: it is a "
                          "base model without a language-model head; export the ...ForCausalLM checkpoint")
@@ -300,8 +261,6 @@ def load_checkpoint(model: str | Path, *, allow_pickle: bool = False, adapter: s
         config = _plain_config(config)
     adapter_dir = resolve_model_dir(adapter) if adapter is not None else None
     if adapter_dir is not None:
-        from perch.loading.lora import merge_adapter  # lora builds on this module's readers
-
         state_dict = merge_adapter(state_dict, adapter_dir, config, allow_pickle=allow_pickle)
     source = {"model": str(model), "path": str(model_dir), **info,
               "adapter": str(adapter_dir) if adapter_dir else None,

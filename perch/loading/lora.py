@@ -1,7 +1,6 @@
 """PEFT LoRA adapters (as QLoRA fine-tuning saves them) merged into a state dict: W += scale * B @ A."""
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -9,7 +8,7 @@ from pathlib import Path
 import torch
 
 from perch.errors import PerchError
-from perch.loading.checkpoint import _arch_entry, _read_file
+from perch.loading.files import arch_entry, read_json, read_tensor_file
 
 
 # Adapter features that change the model beyond W += scale * B @ A: merging them here would be wrong.
@@ -21,12 +20,7 @@ _LORA_KEY = re.compile(r"^(?P<mod>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lo
 
 def _adapter_config(adapter_dir: Path) -> dict:
     path = adapter_dir / "adapter_config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PerchError(f"{path} not found: pass the directory PEFT's save_pretrained wrote") from None
-    except (OSError, ValueError) as e:
-        raise PerchError(f"{path} is unreadable or not valid JSON ({e})") from e
+    cfg = read_json(path, "pass the directory PEFT's save_pretrained wrote")
     if cfg.get("peft_type") != "LORA":
         raise PerchError(f"adapter {adapter_dir}: PEFT type {cfg.get('peft_type')!r} is not supported, only LoRA; "
                          "merge it with peft's merge_and_unload(), save, and export the merged model")
@@ -42,7 +36,7 @@ def _adapter_tensors(adapter_dir: Path, allow_pickle: bool) -> dict[str, torch.T
         if (adapter_dir / name).is_file():
             if fmt == "pickle" and not allow_pickle:
                 raise PerchError(f"{adapter_dir / name} is a pickle file; pass --allow-pickle if you trust it")
-            sd = _read_file(adapter_dir / name, fmt)
+            sd = read_tensor_file(adapter_dir / name, fmt)
             return {k.removeprefix("base_model.model."): v for k, v in sd.items()}
     raise PerchError(f"no adapter_model.safetensors in {adapter_dir}")
 
@@ -67,7 +61,7 @@ def merge_adapter(state_dict: dict[str, torch.Tensor], adapter_dir: str | Path, 
     """
     adapter_dir = Path(adapter_dir)
     cfg, tensors = _adapter_config(adapter_dir), _adapter_tensors(adapter_dir, allow_pickle)
-    entry, sd = _arch_entry(config), dict(state_dict)
+    entry, sd = arch_entry(config), dict(state_dict)
     tied = bool(getattr(config, "tie_word_embeddings", False)) and entry is not None
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -79,15 +73,15 @@ def merge_adapter(state_dict: dict[str, torch.Tensor], adapter_dir: str | Path, 
     for mod, parts in groups.items():
         _merge_module(sd, mod, parts, cfg, entry, tied)
     if tied:
-        sd["lm_head.weight"] = sd[entry["embedding"]]
+        sd["lm_head.weight"] = sd[entry.EMBEDDING]
     return sd
 
 
 def _target(sd: dict, mod: str, suffix: str, entry: dict | None, tied: bool) -> str:
     key = f"{mod}.{suffix}"
     if tied and key == "lm_head.weight":
-        return entry["embedding"]  # one tensor: peft merges into the shared parameter
-    for cand in (key, f"{entry['prefix']}.{key}" if entry else key):
+        return entry.EMBEDDING  # one tensor: peft merges into the shared parameter
+    for cand in (key, f"{entry.PREFIX}.{key}" if entry else key):
         if cand in sd:
             return cand
     raise PerchError(f"adapter targets {key}, which this model does not have: the adapter was trained "

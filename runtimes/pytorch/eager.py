@@ -20,8 +20,8 @@ class EagerRuntime(Runtime):
         mod = arch_module(ckpt.arch)
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt.state_dict.items()}
         self.core = mod.build(ckpt.config, sd, max_context, **options)
-        self.graph = mod.PastPresent(self.core)
-        self.io = mod.io_spec(ckpt.config, max_context, state_dtype=str(dtype).removeprefix("torch."))
+        self.graph = mod.past_present(self.core)
+        self.io = mod.io_spec(ckpt.config, max_context, "past_present", state_dtype=str(dtype).removeprefix("torch."))
         self.vocab_size, self.max_context = ckpt.config.vocab_size, max_context
         self.hidden: list[torch.Tensor] = []
         self.reset(1)

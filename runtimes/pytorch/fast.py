@@ -2,8 +2,8 @@
 mamba-ssm / causal-conv1d kernels directly, with CUDA graphs; a bitsandbytes 4/8-bit transformers reference.
 
 Why not transformers: on an H100 its Falcon-7B decodes at 26 ms/token and Falcon-Mamba-7B at 127 ms/token
-(GPU.md), against a ~4.6 ms bandwidth floor: launch overhead and, for Mamba, kernels it does not reliably
-call (FINDINGS). Both runtimes reuse Perch's export-ready modules for the weights (transformers names,
+(docs/traps.md), against a ~4.6 ms bandwidth floor: launch overhead and, for Mamba, kernels it does not reliably
+call (docs/traps.md). Both runtimes reuse Perch's export-ready modules for the weights (transformers names,
 strict load) and the Runtime step API; decode runs one captured graph per batch size over static buffers.
 `kernels="torch"` and `cuda_graphs=False` run the same data flow on CPU (the kernels' reference
 semantics), which is how tests check the plumbing without a GPU. Optional packages are imported lazily.
@@ -124,7 +124,7 @@ class FastFalcon(_GraphedRuntime):
     folded into the query rows, so SDPA sees plain multi-head attention with nkv heads and no K,V repeat.
     """
 
-    name = "perch-cuda-falcon"
+    name, ARCH = "perch-cuda-falcon", "falcon"
 
     def __init__(self, config, state_dict: dict, *, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
                  max_context: int = 2048, cuda_graphs: bool = True):
@@ -203,7 +203,7 @@ class FastFalconMamba(_GraphedRuntime):
     (`residual_in_fp32`); the SSM state is fp32, the conv state in the model dtype (the kernel's rule).
     """
 
-    name = "perch-cuda-falcon-mamba"
+    name, ARCH = "perch-cuda-falcon-mamba", "falcon_mamba"
 
     def __init__(self, config, state_dict: dict, *, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
                  max_context: int = 1 << 20, cuda_graphs: bool = True, kernels: str = "cuda"):
@@ -309,10 +309,10 @@ def open_gpu_reference(ckpt, *, dtype: torch.dtype = torch.bfloat16, max_context
     """The fast CUDA reference for a loaded checkpoint; PerchError without CUDA (or, for Falcon-Mamba,
     without mamba-ssm and causal-conv1d)."""
     _require_cuda()
-    if ckpt.arch == "falcon":
-        return FastFalcon(ckpt.config, ckpt.state_dict, dtype=dtype, max_context=max_context, cuda_graphs=cuda_graphs)
-    mamba_kernels()
-    return FastFalconMamba(ckpt.config, ckpt.state_dict, dtype=dtype, max_context=max_context, cuda_graphs=cuda_graphs)
+    fast = {cls.ARCH: cls for cls in (FastFalcon, FastFalconMamba)}
+    if ckpt.arch not in fast:
+        raise PerchError(f"no fast CUDA reference for {ckpt.arch}; use --device cpu (the transformers reference)")
+    return fast[ckpt.arch](ckpt.config, ckpt.state_dict, dtype=dtype, max_context=max_context, cuda_graphs=cuda_graphs)
 
 
 def bnb_reference(ckpt, *, bits: int, max_context: int, compute_dtype: torch.dtype = torch.bfloat16) -> Runtime:

@@ -6,7 +6,9 @@ coremltools ships its test suites in the wheel. On macOS each test converts a to
 
 - `_macos_version()` reports macOS 15 (the iOS18 runtime, the newest opset our executor implements), and
   the test helpers' `_IS_MACOS` flags are set, so `convert_and_compare` / `compare_backend` predict;
-- `MLModel.predict` / `MLModel.make_state` run the converted `.mlpackage` with the real `MilExecutor`.
+- `MLModel.predict` / `MLModel.make_state` run the converted `.mlpackage` with the real `MilExecutor`,
+  converting features as Core ML's runtime does (scalars to shape (1,), numeric types to the declared
+  one, PIL images to and from (1, C, H, W) pixel arrays).
 
 Nothing in coremltools' sources is changed: only these entry points are replaced, in this process.
 A program holding an op the executor does not implement is skipped with "unsupported op: X", never
@@ -44,7 +46,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--perch-ct-selection", help="file of test-id patterns to run (default: all collected)")
     group.addoption("--perch-ct-report", help="write each selected test's outcome and category here (JSON)")
     group.addoption("--perch-ct-shard", default="0/1", help="I/N: run every N-th selected test from the I-th")
-    group.addoption("--perch-ct-log", help="append each test that did not pass to this file as it ends (JSON lines)")
+    group.addoption("--perch-ct-log", help="append each test's entry to this file as it ends (JSON lines)")
 
 
 # ---- the stand-ins -------------------------------------------------------------------------------
@@ -81,13 +83,46 @@ def _as_declared(value: Any, tensor: Any) -> np.ndarray:
     return a.astype(tensor.dtype, copy=False)
 
 
-def _predict(self: Any, data: dict[str, Any], state: Any = None) -> dict[str, np.ndarray]:
+def _image_kinds(features: Any) -> dict[str, str]:
+    """Feature name -> color space ("RGB", "BGR", "GRAYSCALE", ...) for the image-typed ones."""
+    from coremltools.proto import FeatureTypes_pb2
+
+    space = FeatureTypes_pb2.ImageFeatureType.ColorSpace
+    return {f.name: space.Name(f.type.imageType.colorSpace) for f in features
+            if f.type.WhichOneof("Type") == "imageType"}
+
+
+def _image_to_array(image: Any, kind: str) -> np.ndarray:
+    """Core ML's image feature conversion: pixels as floats in (1, C, H, W), channels in the model's order."""
+    a = np.asarray(image, dtype=np.float32)
+    if kind.startswith("GRAYSCALE"):
+        return a.reshape((1, 1) + a.shape[:2])
+    a = np.transpose(a[..., :3], (2, 0, 1))[None]
+    return a[:, ::-1] if kind == "BGR" else a
+
+
+def _array_to_image(a: np.ndarray, kind: str) -> Any:
+    from PIL import Image
+
+    a = np.clip(np.round(np.asarray(a, np.float32)), 0, 255).astype(np.uint8)
+    if kind.startswith("GRAYSCALE"):
+        return Image.fromarray(a.reshape(a.shape[-2:]), mode="L")
+    a = a.reshape(a.shape[-3:])
+    return Image.fromarray(np.transpose(a[::-1] if kind == "BGR" else a, (1, 2, 0)), mode="RGB")
+
+
+def _predict(self: Any, data: dict[str, Any], state: Any = None) -> dict[str, Any]:
     ex = _executor(self)
     missing = [t.name for t in ex.inputs if t.name not in data]
     if missing:
         raise KeyError(f"input(s) {missing} missing from the prediction's data")
+    images_in = _image_kinds(self._spec.description.input)
+    feeds = {t.name: _image_to_array(data[t.name], images_in[t.name]) if t.name in images_in
+             else _as_declared(data[t.name], t) for t in ex.inputs}
     _state["predicted"] = True
-    return ex.predict({t.name: _as_declared(data[t.name], t) for t in ex.inputs}, state)
+    out = ex.predict(feeds, state)
+    images_out = _image_kinds(self._spec.description.output)
+    return {k: _array_to_image(v, images_out[k]) if k in images_out else v for k, v in out.items()}
 
 
 def _make_state(self: Any) -> dict[str, np.ndarray]:
@@ -193,7 +228,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
         entry = {"outcome": report.outcome, "category": report.outcome, "reason": "",
                  "predicted": _state["predicted"]}
         if hasattr(report, "wasxfail"):  # coremltools' own xfail marks (known Core ML / torch issues)
-            entry["category"], entry["reason"] = "xfail", report.wasxfail
+            entry["category"] = "xpass" if report.passed else "xfail"
+            entry["reason"] = report.wasxfail
         elif report.skipped:
             reason = getattr(call.excinfo.value, "msg", "") if call.excinfo is not None else ""
             entry["category"] = "unsupported" if reason.startswith("unsupported op") else "skipped"
@@ -203,7 +239,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
             entry["reason"] = _reason(call.excinfo.value)
         _results[item.nodeid] = entry
         log = item.config.getoption("perch_ct_log")
-        if log and entry["category"] not in ("passed", "skipped"):
+        if log:
             with open(log, "a") as f:  # as it happens: a long run can be read before it ends
                 f.write(json.dumps({"test": item.nodeid, **entry}) + "\n")
 

@@ -48,7 +48,7 @@ def _env() -> dict[str, str]:
 
 def run(selection: Path = SELECTION, shards: int = 2, timeout: float = 1800, log: Path | None = None) -> dict[str, Any]:
     """Run the selection in `shards` concurrent pytest processes; the merged report (see module doc).
-    `log`: each shard appends the tests that did not pass to LOG.<shard> as they end."""
+    `log`: each shard appends every test's entry to LOG.<shard> as it ends (readable mid-run)."""
     with tempfile.TemporaryDirectory() as tmp:
         reports = [Path(tmp) / f"shard{i}.json" for i in range(shards)]
         outs = [open(Path(tmp) / f"shard{i}.log", "w+") for i in range(shards)]
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--selection", type=Path, default=SELECTION)
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--out", type=Path, help="write the merged report here (JSON)")
-    ap.add_argument("--log", type=Path, help="shards append the tests that did not pass to LOG.<shard>")
+    ap.add_argument("--log", type=Path, help="shards append each test's entry to LOG.<shard> as it ends")
     args = ap.parse_args(argv)
     report = run(args.selection, args.shards, log=args.log)
     counts = summary(report)

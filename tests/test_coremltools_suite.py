@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # ~3 min of CPU over 2 shards; also run as tests/coremltools_suite/ct_suite.py
+pytestmark = pytest.mark.slow  # ~6.5 CPU-minutes over 2 shards; also run as tests/coremltools_suite/ct_suite.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "coremltools_suite"))
 import ct_suite as suite  # noqa: E402  (tests/coremltools_suite/ct_suite.py)

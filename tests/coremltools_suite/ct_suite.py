@@ -46,7 +46,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run(selection: Path = SELECTION, shards: int = 2, timeout: float = 1800, log: Path | None = None) -> dict[str, Any]:
+def run(selection: Path = SELECTION, shards: int = 2, timeout: float = 3600, log: Path | None = None) -> dict[str, Any]:
     """Run the selection in `shards` concurrent pytest processes; the merged report (see module doc).
     `log`: each shard appends every test's entry to LOG.<shard> as it ends (readable mid-run)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -54,8 +54,13 @@ def run(selection: Path = SELECTION, shards: int = 2, timeout: float = 1800, log
         outs = [open(Path(tmp) / f"shard{i}.log", "w+") for i in range(shards)]
         procs = [subprocess.Popen(_command(selection, r, i, shards, log), cwd=tmp, env=_env(), stdout=out,
                                   stderr=subprocess.STDOUT) for i, (r, out) in enumerate(zip(reports, outs))]
-        for p in procs:
-            p.wait(timeout=timeout)
+        try:
+            for p in procs:
+                p.wait(timeout=timeout)
+        finally:
+            for p in procs:  # a timed-out run leaves no shard behind
+                if p.poll() is None:
+                    p.kill()
         merged: dict[str, Any] = {"meta": {}, "tests": {}}
         for p, r, out in zip(procs, reports, outs):
             out.seek(0)

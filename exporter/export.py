@@ -39,10 +39,14 @@ def export(model: str | Path | Checkpoint, out: str | Path, options: ExportOptio
         # Stored dtype (dtype=None): backends cast tensor by tensor, so a bf16 7B never gets an fp32 copy.
         model = load_checkpoint(resolve_model(model), allow_pickle=allow_pickle, adapter=adapter, dtype=None)
     ckpt = model
+    from perch.exporter import clients
+
+    clients.client(options.profile, options.BACKEND, ckpt.arch)  # refuse a client that cannot run it, before any work
     backend = importlib.import_module(BACKENDS[options.BACKEND])
     with staged_output(out, overwrite) as tmp:
         manifest = backend.export(ckpt, tmp, options)
         manifest.tokenizer_files = copy_side_files(ckpt.model_dir, tmp)
+        manifest.extras["client_files"] = clients.write_side_files(manifest, tmp)
         manifest.source = {**ckpt.source, **manifest.source}
         manifest.save(tmp)
     return manifest

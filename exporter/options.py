@@ -20,6 +20,7 @@ class ExportOptions:
     `options_for(to, **fields)`."""
 
     BACKEND: ClassVar[str] = ""
+    LABEL: ClassVar[str] = ""
     MODULE: ClassVar[str] = ""  # the backend module: export(ckpt, out_dir, options) and its naming function
     QUANTIZE: ClassVar[tuple[str, ...]] = ("none",)
     FLAGS: ClassVar[dict[str, str]] = {}  # field -> CLI flag, for messages that name a flag
@@ -57,6 +58,7 @@ class ExportOptions:
 @dataclass(frozen=True)
 class OnnxOptions(ExportOptions):
     BACKEND: ClassVar[str] = "onnx"
+    LABEL: ClassVar[str] = "ONNX"
     MODULE: ClassVar[str] = "perch.exporter.to_onnx"
     QUANTIZE: ClassVar[tuple[str, ...]] = ("none", "int8", "int4")
     FLAGS: ClassVar[dict[str, str]] = {"variant": "--variant"}
@@ -72,6 +74,7 @@ class OnnxOptions(ExportOptions):
 @dataclass(frozen=True)
 class CoreMLOptions(ExportOptions):
     BACKEND: ClassVar[str] = "coreml"
+    LABEL: ClassVar[str] = "Core ML"
     MODULE: ClassVar[str] = "perch.exporter.to_coreml"
     QUANTIZE: ClassVar[tuple[str, ...]] = ("none", "int8", "int4", "palettize4")
     FLAGS: ClassVar[dict[str, str]] = {"multifunction": "--multifunction", "batch_size": "--batch-size"}
@@ -102,5 +105,5 @@ def options_for(to: str, **values) -> ExportOptions:
         if other is None:
             raise PerchError(f"unknown export option {name!r}")
         if value != next(f.default for f in fields(other) if f.name == name):
-            raise PerchError(f"{other.FLAGS.get(name, name)} applies to --to {other.BACKEND} exports only")
+            raise PerchError(f"{other.FLAGS.get(name, name)} applies to {other.LABEL} exports only (--to {other.BACKEND})")
     return cls(**{k: v for k, v in values.items() if k in own})

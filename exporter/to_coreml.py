@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from perch.exporter import clients
 from perch.exporter.coreml_compress import apply_compression, plan_compression
 from perch.archs import arch_module
 from perch.errors import PerchError
@@ -84,20 +85,22 @@ def _patch_frontend() -> None:
         context.add(mb.layer_norm(x=x, axes=axes, gamma=gamma, beta=beta, epsilon=eps, name=node.name))
 
 
-def state_name(kind: str) -> str:
-    """keyCache / valueCache for K,V (what swift-transformers looks for), {kind}State for any other state."""
-    return {"key": "keyCache", "value": "valueCache"}.get(kind, f"{kind}State")
+def state_name(kind: str, profile: str = "default") -> str:
+    """keyCache / valueCache for K,V (what swift-transformers looks for), {kind}State for any other state;
+    a client profile may rename them (swift-transformers: Falcon-Mamba's conv/SSM states too)."""
+    return clients.coreml_state_name(profile, kind) or {"key": "keyCache", "value": "valueCache"}.get(kind, f"{kind}State")
 
 
 def bindings(io: ModelIO, profile: str = "default") -> tuple[Binding, ...]:
     """Canonical I/O -> Core ML features and layer-stacked states (layers first)."""
     out = [Binding(t.name, NAMES[t.name], "input", t.shape, t.dtype) for t in io.inputs]
     out += [Binding(t.name, NAMES[t.name], "output", t.shape, t.dtype) for t in io.outputs]
-    out += [Binding(s.kind, state_name(s.kind), "state", (s.num_layers, *s.shape), "float16") for s in io.states]
+    out += [Binding(s.kind, state_name(s.kind, profile), "state", (s.num_layers, *s.shape), "float16") for s in io.states]
     return tuple(out)
 
 
-def stateful_module(ckpt: Checkpoint, io: ModelIO, max_context: int, batch_size: int, dtype: torch.dtype) -> nn.Module:
+def stateful_module(ckpt: Checkpoint, io: ModelIO, max_context: int, batch_size: int, dtype: torch.dtype,
+                    profile: str = "default") -> nn.Module:
     """The architecture's stateful module with weights cast to `dtype` once each (tied tensors stay tied)."""
     mod = arch_module(ckpt.arch)
     cast: dict[int, torch.Tensor] = {}
@@ -107,12 +110,12 @@ def stateful_module(ckpt: Checkpoint, io: ModelIO, max_context: int, batch_size:
     sd = {k: cast[id(v)] for k, v in ckpt.state_dict.items()}
     del cast
     core = mod.build(ckpt.config, sd, max_context, scan="logdepth")  # logdepth: a fixed, traceable scan
-    names = {s.kind: state_name(s.kind) for s in io.states}
-    return mod.stateful(core, batch_size, STATE_DTYPE, names).eval()
+    names = {s.kind: state_name(s.kind, profile) for s in io.states}
+    return mod.stateful(core, batch_size, STATE_DTYPE, names, io.mask).eval()
 
 
 # Trace sizes: 2 new tokens after 3 stored ones, so no size is 0 or 1 (those get specialised).
-_SAMPLE = {"sequence": 2, "total_sequence": 5}
+_SAMPLE = {"sequence": 2, "total_sequence": 5, "mask_rows": 2, "total_sequence_plus_one": 6}
 
 
 def example_inputs(io: ModelIO, batch_size: int) -> tuple[torch.Tensor, ...]:
@@ -126,7 +129,10 @@ def coreml_inputs(io: ModelIO, batch_size: int, max_context: int, query_len: int
 
     t = query_len or ct.RangeDim(lower_bound=1, upper_bound=max_context, default=1)
     dims = {"batch": batch_size, "sequence": t,
-            "total_sequence": ct.RangeDim(lower_bound=1, upper_bound=max_context, default=1)}
+            "total_sequence": ct.RangeDim(lower_bound=1, upper_bound=max_context, default=1),
+            # swift-transformers' mask ("additive_plus_one"): one row, one column past the keys
+            "mask_rows": ct.RangeDim(lower_bound=1, upper_bound=max_context, default=1),
+            "total_sequence_plus_one": ct.RangeDim(lower_bound=2, upper_bound=max_context + 1, default=2)}
     return [ct.TensorType(name=NAMES[s.name], shape=tuple(dims.get(a, a) for a in s.shape), dtype=np.dtype(s.dtype).type)
             for s in io.inputs]
 
@@ -211,8 +217,8 @@ def convert_functions(ckpt: Checkpoint, io: ModelIO, options: CoreMLOptions, max
     (which share the torch storage: one copy) and in each MLModel's saved weights on disk.
     """
     dtype = torch.float16 if options.precision == "fp16" else torch.float32
-    module = stateful_module(ckpt, io, max_context, options.batch_size, dtype)
-    state_names = [state_name(s.kind) for s in io.states]
+    module = stateful_module(ckpt, io, max_context, options.batch_size, dtype, options.profile)
+    state_names = [state_name(s.kind, options.profile) for s in io.states]
     with torch.inference_mode(False), torch.no_grad():
         traced = torch.jit.trace(module, example_inputs(io, options.batch_size), check_trace=False)
     parts = {name: convert_function(traced, module, io, state_names, max_context, options, q)
@@ -234,7 +240,9 @@ def export(ckpt: Checkpoint, out_dir: str | Path, options: CoreMLOptions) -> Man
     """Convert `ckpt` into `out_dir/model.mlpackage` and return its manifest (the driver saves it)."""
     out_dir = Path(out_dir)
     max_context = options.context_for(ckpt.config)
-    io = arch_module(ckpt.arch).io_spec(ckpt.config, max_context, "stateful", state_dtype="float16")
+    clients.client(options.profile, "coreml", ckpt.arch)
+    io = clients.coreml_io(options.profile, arch_module(ckpt.arch).io_spec(ckpt.config, max_context, "stateful",
+                                                                           state_dtype="float16"))
     t0 = time.perf_counter()
     plan = function_plan(options)
     parts, kinds = convert_functions(ckpt, io, options, max_context, plan)
@@ -254,6 +262,7 @@ def export(ckpt: Checkpoint, out_dir: str | Path, options: CoreMLOptions) -> Man
     names = bindings(io, options.profile)
     write_metadata(out_dir / PACKAGE, _metadata(ckpt, io, names, options, max_context))
     extras = {"deployment_target": TARGET, "default_function": next(iter(plan)),
+              "clients": clients.support(options.profile, "coreml", ckpt.arch),
               "conversion_seconds": round(time.perf_counter() - t0, 2)}
     return Manifest(format="coreml", arch=ckpt.arch, io=io, hf_config=ckpt.config.to_dict(), max_context=max_context,
                     dtype=options.precision, bindings=names, profile=options.profile, batch_size=options.batch_size,
@@ -315,10 +324,17 @@ def _metadata(ckpt: Checkpoint, io: ModelIO, names: tuple[Binding, ...], options
             "perch.max_context": str(max_context),
         },
         "inputs": {NAMES["input_ids"]: "Token ids of the new tokens (batch, 1..max_context), int32",
-                   NAMES["causal_mask"]: "Additive causal mask (batch, 1, new tokens, stored + new tokens): 0 to "
-                                         "attend, -1e4 to mask; its length sets the position of the new tokens"},
+                   NAMES["causal_mask"]: MASK_TEXT.get(io.mask, "")},
         "outputs": {NAMES["logits"]: "Next-token scores (batch, new tokens, vocab)"},
     }
+
+
+MASK_TEXT = {
+    "additive": "Additive causal mask (batch, 1, new tokens, stored + new tokens): 0 to attend, -1e4 to mask; its "
+                "length sets the position of the new tokens",
+    "additive_plus_one": "Additive mask (batch, 1, 1 or new tokens, stored + new tokens + 1), as swift-transformers "
+                         "sends it: zeros attend (causality is applied inside), -1e4 masks padding; the last column is unused",
+}
 
 
 def write_metadata(package: Path, meta: dict) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx_ir as ir
 import torch
 
-from perch.exporter import onnx_quant
+from perch.exporter import clients, onnx_quant
 from perch.archs import arch_module
 from perch.errors import PerchError
 from perch.exporter.options import OnnxOptions
@@ -46,8 +46,10 @@ ONNX_AXES = {"batch": "batch_size", "sequence": "sequence_length", "total_sequen
 
 
 def state_name(kind: str, layer: int, role: str) -> str:
-    """optimum's names: past_key_values.{i}.key / present.{i}.key for K,V; past_{kind}_state.{i} otherwise."""
-    if kind in ("key", "value"):
+    """optimum's names: past_key_values.{i}.key / present.{i}.key for K,V; past_{kind}_state.{i} otherwise.
+
+    "key_value" is transformers.js' fused multi-query cache (exporter/clients.py, --for transformers.js)."""
+    if kind in ("key", "value", "key_value"):
         return f"past_key_values.{layer}.{kind}" if role == "past" else f"present.{layer}.{kind}"
     return f"past_{kind}_state.{layer}" if role == "past" else f"present_{kind}_state.{layer}"
 
@@ -77,14 +79,18 @@ def export(ckpt, out_dir: str | Path, options: OnnxOptions) -> Manifest:
     if frontend not in mod.FRONTENDS:
         raise PerchError(f"--variant {options.variant}: {ckpt.arch} has no {frontend} front-end (its states are "
                          "fixed-size already, and its default graph keeps them in place); export without --variant")
+    profile = clients.client(options.profile, "onnx", ckpt.arch)
+    if profile.fuse_kv and frontend == "inplace":
+        raise PerchError(f"--for {profile.name} feeds each step's present cache back as the next past (a growing cache); "
+                         "the in-place variant shares one buffer between them: export without --variant inplace")
     max_context = options.context_for(ckpt.config)
     dtype = TORCH_DTYPES[options.precision]
-    model, io = build_graph(ckpt, max_context, dtype, frontend)
+    model, io = build_graph(ckpt, max_context, dtype, frontend, profile=options.profile)
     t_trace = time.perf_counter() - t0
     quant = {"method": "none"}
     if options.quantize != "none":
         quant = onnx_quant.quantize(model, options.quantize, options.block_size, embedding=PREFIX + mod.EMBEDDING)
-    saved = save_model(model, out_dir)
+    saved = save_model(model, out_dir, subfolder=profile.onnx_subfolder, data_file=profile.data_file)
     if options.quantize != "none":
         quant["size_bytes"] = saved["bytes"]
     extras = {
@@ -92,23 +98,30 @@ def export(ckpt, out_dir: str | Path, options: OnnxOptions) -> Manifest:
         "exporter": f"torch.onnx dynamo (torch {torch.__version__})",
         "external_data": saved["external_data"], "export_seconds": round(time.perf_counter() - t0, 2), "trace_seconds": round(t_trace, 2),
         "lm_head": "separate from the embedding (untied), so MatMulNBits can quantize it",
+        "clients": clients.support(options.profile, "onnx", ckpt.arch),
     }
     return Manifest(format="onnx", arch=ckpt.arch, io=io, hf_config=ckpt.config.to_dict(), max_context=max_context,
                     dtype=options.precision, bindings=bindings(io, options.profile), variant=options.variant,
-                    profile=options.profile, quantization=quant, model_file=MODEL_FILE, files=saved["files"],
+                    profile=options.profile, quantization=quant, model_file=saved["files"][0], files=saved["files"],
                     model_bytes=saved["bytes"], extras=extras)
 
 
-def build_graph(ckpt, max_context: int, dtype: torch.dtype, frontend: str = "past_present") -> tuple[ir.Model, ModelIO]:
+def build_graph(ckpt, max_context: int, dtype: torch.dtype, frontend: str = "past_present",
+                profile: str = "default") -> tuple[ir.Model, ModelIO]:
     """Trace, bind the checkpoint's weights lazily, and clean up: an in-memory model ready to quantize or save."""
     mod = arch_module(ckpt.arch)
     io = mod.io_spec(ckpt.config, max_context, frontend, state_dtype=str(dtype).removeprefix("torch."))
+    io = clients.onnx_io(profile, io, ckpt.config)
     core = mod.build(ckpt.config, stand_in_weights(ckpt.state_dict, dtype), max_context, scan="scan")
     translations = {}
     if frontend == "inplace":
         from perch.exporter import onnx_gqa
 
         wrapper, translations = onnx_gqa.Inplace(core), onnx_gqa.TRANSLATIONS
+    elif io.frontend == "past_present_fused":
+        from perch.exporter.onnx_fused_kv import FalconFusedKV
+
+        wrapper = FalconFusedKV(core)
     else:
         wrapper = mod.past_present(core)
     model = trace(wrapper, io, dtype, translations)
@@ -229,16 +242,21 @@ def weight_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-def save_model(model: ir.Model, out_dir: str | Path, threshold: int | None = None) -> dict:
-    """Save as `model.onnx`, with `model.onnx.data` beside it when the weights exceed the threshold."""
+def save_model(model: ir.Model, out_dir: str | Path, threshold: int | None = None, subfolder: str = "",
+               data_file: str = DATA_FILE) -> dict:
+    """Save as `[subfolder/]model.onnx`, the weights in `data_file` beside it above the threshold.
+
+    `subfolder` and `data_file` follow a client's convention (transformers.js: onnx/, model.onnx_data)."""
     threshold = EXTERNAL_DATA_THRESHOLD if threshold is None else threshold
     out_dir = Path(out_dir)
+    (out_dir / subfolder).mkdir(parents=True, exist_ok=True)
     external = weight_bytes(model) > threshold
+    model_path = Path(subfolder) / MODEL_FILE
     try:
-        ir.save(model, out_dir / MODEL_FILE, external_data=DATA_FILE if external else None)
+        ir.save(model, out_dir / model_path, external_data=data_file if external else None)
     except (ValueError, OSError) as e:  # protobuf "Failed to serialize proto", disk full
-        raise PerchError(f"writing {out_dir / MODEL_FILE} failed ({e}); check free disk space") from e
-    files = [MODEL_FILE] + ([DATA_FILE] if external else [])
+        raise PerchError(f"writing {out_dir / model_path} failed ({e}); check free disk space") from e
+    files = [str(model_path)] + ([str(Path(subfolder) / data_file)] if external else [])
     return {"external_data": external, "files": files, "bytes": sum((out_dir / f).stat().st_size for f in files)}
 
 
@@ -265,10 +283,12 @@ def quantize_artifact(src: str | Path, out: str | Path, method: str, block_size:
     embedding = PREFIX + arch_module(manifest.arch).EMBEDDING
     quant = onnx_quant.quantize(model, method, block_size, embedding=embedding)
     with staged_output(out) as tmp:
-        saved = save_model(model, tmp)
+        profile = clients.client(manifest.profile, "onnx")  # keep the source's client layout
+        saved = save_model(model, tmp, subfolder=profile.onnx_subfolder, data_file=profile.data_file)
         copy_side_files(src, tmp)
         manifest.quantization = {**quant, "size_bytes": saved["bytes"]}
         manifest.files, manifest.model_bytes = saved["files"], saved["bytes"]
         manifest.extras.update(external_data=saved["external_data"], quantized_from=str(src))
+        manifest.extras["client_files"] = clients.write_side_files(manifest, tmp)
         manifest.save(tmp)
     return manifest

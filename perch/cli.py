@@ -33,10 +33,12 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     opts = options_for(a.to, precision=a.precision, quantize=a.quantize, block_size=a.block_size,
                        max_context=a.max_context, variant=a.variant, multifunction=a.multifunction,
-                       batch_size=a.batch_size)
+                       batch_size=a.batch_size, profile=a.profile)
     m = export(a.model, a.out, opts, adapter=a.adapter, allow_pickle=a.allow_pickle, overwrite=a.overwrite)
     print(f"wrote {a.out}/{m.model_file}: {m.arch}, {m.format} {m.dtype}, quantize={m.quantization.get('method')}, "
           f"max context {m.max_context}")
+    for client, verdict in m.extras.get("clients", {}).items():  # say plainly which clients can run it
+        print(f"  {client}: {verdict}")
     return 0
 
 
@@ -123,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ONNX: inplace = fixed-size K,V buffers updated by GroupQueryAttention (fast decode)")
     e.add_argument("--multifunction", action="store_true", help="Core ML: prefill and decode functions sharing state")
     e.add_argument("--batch-size", type=int, default=1, help="Core ML: the fixed batch of its states")
+    e.add_argument("--for", dest="profile", default="default", metavar="CLIENT",
+                   help="name and lay out the artifact for a client: swift-transformers (Core ML), transformers.js, "
+                        "genai, optimum (ONNX); default: the backend's layout, which optimum and genai read as is")
     add_model_source_flags(e)
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     e.set_defaults(fn=cmd_export)

@@ -36,8 +36,9 @@ class TensorSpec:
 class StateSpec:
     """One state tensor per layer, e.g. a layer's key cache or SSM state, under its canonical kind.
 
-    `shape` is per layer; the axis named "context" is the cache length (grows to `max_context`, or is fixed
-    to it in a buffer front-end). Backends name states themselves (see `Binding`); `holds` says what it is.
+    `shape` is per layer; the axis named "context" is the cache length (grows to `max_context`); a buffer
+    front-end fixes it to `max_context`, and `cache_axis` says which axis it is either way, so a runtime can
+    cut a buffer to the tokens stored. Backends name states themselves (see `Binding`); `holds` says what.
     """
 
     kind: str  # "key", "value", "conv", "ssm", ...
@@ -45,6 +46,7 @@ class StateSpec:
     dtype: str
     num_layers: int
     holds: str = ""
+    cache_axis: int | None = None  # the axis that fills one position per token (K,V); None: fixed-size state
 
     def layer_names(self) -> list[str]:
         return [f"{self.kind}.{i}" for i in range(self.num_layers)]
@@ -70,6 +72,9 @@ MASK_CONTRACTS = {
     "additive": "causal_mask (batch, 1, sequence, total_sequence) additive (0 attend, -1e4 masked); the new "
                 "tokens sit at positions total-T..total-1, so its length places them",
     "none": "no mask input: every call continues from the stored state, no padding",
+    "additive_plus_one": "causal_mask (batch, 1, 1 or sequence, total_sequence + 1) as swift-transformers sends "
+                         "it: zeros, one column longer than the keys; causality is applied inside, the mask only "
+                         "adds (padding) on top, and its last column is unused",
 }
 
 

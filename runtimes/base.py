@@ -111,6 +111,8 @@ def model_inputs(io: ModelIO, input_ids: np.ndarray, mask: np.ndarray, positions
              "attention_mask": mask if io.mask == "keys" else mask[:, -t:]}
     if io.mask == "additive":
         feeds["causal_mask"] = additive_causal_mask(mask, t)
+    elif io.mask == "additive_plus_one":  # swift-transformers' convention: one column past the keys
+        feeds["causal_mask"] = np.pad(additive_causal_mask(mask, t), ((0, 0), (0, 0), (0, 0), (0, 1)))
     missing = [s.name for s in io.inputs if s.name not in feeds]
     if missing:
         raise PerchError(f"graph input(s) {missing} are not ones Perch knows how to feed; re-export with this Perch")

@@ -148,7 +148,7 @@ class CoreMLRuntime(Runtime):
         for i in range(self.io.states[0].num_layers):
             for spec in self.io.states:
                 a = np.asarray(stacked[spec.kind][i], dtype=np.float32)
-                if "context" in spec.shape:
-                    a = np.take(a, np.arange(self.position), axis=spec.shape.index("context"))
+                if spec.cache_axis is not None:
+                    a = np.take(a, np.arange(self.position), axis=spec.cache_axis)
                 out[f"{spec.kind}.{i}"] = a
         return out

@@ -70,13 +70,30 @@ def check_graph(session, manifest: Manifest) -> None:
     elif custom.get("perch.arch") != manifest.arch or custom.get("perch.variant", "default") != manifest.variant:
         problems.append(f"the graph is {custom.get('perch.arch')}/{custom.get('perch.variant')}, the manifest says "
                         f"{manifest.arch}/{manifest.variant}")
-    want_in = {b.name: (b.shape, b.dtype) for b in manifest.bindings if b.role in ("input", "past")}
-    want_out = {b.name: (b.shape, b.dtype) for b in manifest.bindings if b.role in ("output", "present")}
+    want_in, want_out = _expected(manifest, problems)
     for where, want, got in (("input", want_in, session.get_inputs()), ("output", want_out, session.get_outputs())):
         problems += _compare(where, want, {g.name: g for g in got})
     if problems:
         raise PerchError("the ONNX graph does not match its manifest (re-export the model, or pass the directory "
                          "`perch export` wrote):\n  - " + "\n  - ".join(problems))
+
+
+def _expected(manifest: Manifest, problems: list[str]) -> tuple[dict, dict]:
+    """Graph name -> (shape, dtype) the manifest promises: shapes and dtypes from its I/O spec (the truth),
+    names from its bindings. A spec entry without a binding is a problem of the manifest itself."""
+    io, sides = manifest.io, ({}, {})
+    for role, specs, side in (("input", io.inputs, 0), ("output", io.outputs, 1)):
+        names = manifest.names(role)
+        for t in specs:
+            if t.name not in names:
+                problems.append(f"{role} {t.name!r} has no binding in the manifest")
+            sides[side][names.get(t.name, t.name)] = (t.shape, t.dtype)
+    for role, side in (("past", 0), ("present", 1)):
+        for canonical, name in manifest.names(role).items():
+            s = io.state(canonical.split(".")[0])
+            # a present's grown axis is named by the backend (past + new): its binding carries that shape
+            sides[side][name] = (s.shape if role == "past" else manifest.binding(role, canonical).shape, s.dtype)
+    return sides
 
 
 def _compare(where: str, want: dict, got: dict) -> list[str]:
@@ -109,6 +126,19 @@ def check_files(directory: Path, manifest: Manifest) -> Path:
         raise PerchError(f"{directory}: model files hold {size} bytes, the manifest recorded {want}; "
                          "the copy is truncated or was modified: copy or export it again")
     return path
+
+
+def split_fused_kv(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """transformers.js' fused "key_value.i" (K then V on the last axis) -> the canonical "key.i", "value.i"."""
+    out = {}
+    for name, a in state.items():
+        kind, _, layer = name.rpartition(".")
+        if kind == "key_value":
+            hd = a.shape[-1] // 2
+            out[f"key.{layer}"], out[f"value.{layer}"] = a[..., :hd], a[..., hd:]
+        else:
+            out[name] = a
+    return out
 
 
 def open_session(path: Path, providers: list, threads: int | None = None):
@@ -215,9 +245,10 @@ class OnnxRuntime(Runtime):
         else:  # device tensors reach the host through the binding that produced them
             host = self._binding.copy_outputs_to_cpu()[1:]
             arrays = {key: a for (key, _), a in zip(self.present_names, host)}
-        if self.variant == "inplace":
-            arrays = {k: a[:, :, : self.position] for k, a in arrays.items()}
-        return {k: a.astype(np.float32) for k, a in arrays.items()}
+        if self.variant == "inplace":  # fixed buffers: cut each to the tokens stored, along its cache axis
+            axis = {s.kind: s.cache_axis for s in self.io.states}
+            arrays = {k: np.take(a, np.arange(self.position), axis=axis[k.split(".")[0]]) for k, a in arrays.items()}
+        return split_fused_kv({k: a.astype(np.float32) for k, a in arrays.items()})
 
     def close(self) -> None:
         self.values, self.spare, self._binding, self.session = {}, None, None, None

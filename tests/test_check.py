@@ -16,7 +16,6 @@ from perch.spec import Manifest
 from perch.runtimes.pytorch.reference import ReferenceRuntime
 from perch.validate import metrics
 from perch.validate.bisect import bisect
-from perch.runtimes.pytorch.fast import FastFalcon, FastFalconMamba, open_gpu_reference
 from perch.validate.render import write_report
 from perch.validate.report import validate_report
 from perch.validate.runner import check
@@ -155,32 +154,6 @@ def test_speed_side_by_side(setup):
     slow = check(EagerRuntime(ckpt, max_context=CTX), ref, prompts[:1], max_new_tokens=2, tolerances=strict,
                  speed=True, speed_options={"decode_tokens": 2, "repeats": 1})
     assert [f.metric for f in slow.failures] == ["decode_speed_ratio"]
-
-
-@pytest.mark.parametrize("arch", sorted(PRESET_OF))
-def test_fast_reference_data_flow_on_cpu(setup, arch):
-    """The CUDA reference's code path, run on CPU with the kernels' torch reference semantics, equals transformers."""
-    ckpt, ref, prompts = setup[arch]
-    if arch == "falcon":
-        fast = FastFalcon(ckpt.config, ckpt.state_dict, device="cpu", dtype=torch.float32, max_context=CTX,
-                          cuda_graphs=False)
-    else:
-        fast = FastFalconMamba(ckpt.config, ckpt.state_dict, device="cpu", dtype=torch.float32, max_context=CTX,
-                               cuda_graphs=False, kernels="torch")
-    report = check(fast, ref, prompts, max_new_tokens=N_NEW, tolerances=FP32)
-    assert report.passed, report.summary()
-    fast.reset(2)  # a chunk after stored state continues from it, batch 2
-    ref.reset(2)
-    ids = np.array([prompts[0][:5], prompts[0][4:9]])
-    fast.prefill(ids[:, :3])
-    ref.prefill(ids[:, :3])
-    assert np.abs(fast.prefill(ids[:, 3:]) - ref.prefill(ids[:, 3:])).max() <= FP32.max_abs
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
-def test_gpu_reference_without_cuda_is_a_perch_error(setup):
-    with pytest.raises(PerchError, match="CUDA"):
-        open_gpu_reference(setup["falcon"][0])
 
 
 def test_metrics_are_stable_and_exact():

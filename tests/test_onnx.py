@@ -181,7 +181,7 @@ def test_quantization_manifest_says_what_and_why(artifacts):
     assert "backbone.embeddings.weight" in q.quantization["quantized"]
     kept = q.quantization["not_quantized"]
     assert "dt_proj" in " ".join(kept) and all(reason for reason in kept.values())
-    assert q.quantization["size_bytes"] < 0.4 * fp32.extras["model_bytes"]
+    assert q.quantization["size_bytes"] < 0.4 * fp32.model_bytes
     ops = {n.op_type for n in onnx.load(artifacts("falcon-mamba-tiny", "int4") / "model.onnx").graph.node}
     assert {"MatMulNBits", "GatherBlockQuantized"} <= ops
 
@@ -228,7 +228,7 @@ def test_graph_that_is_not_ours(artifacts, tmp_path):
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)], ir_version=10)
     onnx.save(model, path / "model.onnx")
     m = Manifest.load(path)
-    m.extras.pop("model_bytes")
+    m.model_bytes = None
     m.save(path)
     with pytest.raises(PerchError, match="not `perch export`"):
         OnnxRuntime(path)

@@ -110,7 +110,7 @@ def reference_source(manifest: Manifest, reference: str | None) -> tuple[str, st
 
 def open_reference(model: str, adapter: str | None, *, device: str, reference_dtype: str, max_context: int,
                    allow_pickle: bool = False):
-    """(reference runtime, its checkpoint, description). On CUDA, the fast path when its kernels are present."""
+    """(reference runtime, its checkpoint, description). On CUDA, the fast path (runtimes/pytorch/fast.py)."""
     import torch
 
     from perch.loading import load_checkpoint

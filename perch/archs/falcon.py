@@ -302,20 +302,29 @@ class FalconStateful(nn.Module):
 
     forward(input_ids (B, T), causal_mask (B, 1, T, end)) -> logits. The T new tokens sit at positions
     end-T .. end-1, so one graph serves prefill, decode and further chunks.
+
+    `mask` is the mask contract (perch.spec.MASK_CONTRACTS): "additive" as above; "additive_plus_one" is
+    swift-transformers' feed, (B, 1, 1, end + 1) zeros, so the causal part is built here.
     """
 
-    def __init__(self, core: FalconCore, batch_size: int, state_dtype: torch.dtype, names: dict[str, str]):
+    def __init__(self, core: FalconCore, batch_size: int, state_dtype: torch.dtype, names: dict[str, str],
+                 mask: str = "additive"):
         super().__init__()
         self.core, self.names = core, names
+        self.extra_mask_columns = {"additive": 0, "additive_plus_one": 1}[mask]
         c = core.config
         shape = (c.num_hidden_layers, batch_size, num_kv_heads(c), core.max_context, c.hidden_size // c.num_attention_heads)
         for kind in ("key", "value"):  # the buffer names are the backend's state names (traced as such)
             self.register_buffer(names[kind], torch.zeros(shape, dtype=state_dtype))
 
     def forward(self, input_ids: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
-        t, end = input_ids.shape[1], causal_mask.shape[-1]
+        t, end = input_ids.shape[1], causal_mask.shape[-1] - self.extra_mask_columns
         start = end - t
         positions = torch.arange(start, end, device=input_ids.device).unsqueeze(0).expand(input_ids.shape[0], t)
+        if self.extra_mask_columns:
+            causal = torch.arange(end)[None, :] <= positions[:1, :, None]  # (1, T, end)
+            # (allowed - 1) * -MASK_MIN: 0 or MASK_MIN; a where() of two scalars converts to a scalar in Core ML.
+            causal_mask = causal_mask[..., :end] + ((causal.float() - 1.0) * -MASK_MIN).unsqueeze(1)
 
         kc, vc = getattr(self, self.names["key"]), getattr(self, self.names["value"])
 
@@ -333,7 +342,7 @@ def io_spec(config, max_context: int, frontend: str = "past_present", state_dtyp
     hd, n = config.hidden_size // config.num_attention_heads, config.num_hidden_layers
     context = "context" if frontend == "past_present" else max_context
     kv_shape = ("batch", num_kv_heads(config), context, hd)
-    states = tuple(StateSpec(kind, kv_shape, state_dtype, n, STATE_HOLDS[kind]) for kind in ("key", "value"))
+    states = tuple(StateSpec(kind, kv_shape, state_dtype, n, STATE_HOLDS[kind], cache_axis=2) for kind in ("key", "value"))
     logits = (TensorSpec("logits", ("batch", "sequence", config.vocab_size), "float32"),)
     if frontend == "stateful":
         inputs = (TensorSpec("input_ids", ("batch", "sequence"), "int32"),
@@ -363,8 +372,9 @@ def past_present(core: FalconCore) -> nn.Module:
     return FalconPastPresent(core)
 
 
-def stateful(core: FalconCore, batch_size: int, state_dtype: torch.dtype, names: dict[str, str]) -> nn.Module:
-    return FalconStateful(core, batch_size, state_dtype, names)
+def stateful(core: FalconCore, batch_size: int, state_dtype: torch.dtype, names: dict[str, str],
+             mask: str = "additive") -> nn.Module:
+    return FalconStateful(core, batch_size, state_dtype, names, mask)
 
 
 # ---- transformers' own model as the reference (perch.runtimes.pytorch.reference)

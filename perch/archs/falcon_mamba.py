@@ -102,6 +102,22 @@ def scan_hop(da: torch.Tensor, dbu: torch.Tensor, h0: torch.Tensor) -> torch.Ten
     return states
 
 
+def selective_scan(u, dt, b, c, a, d, gate, h0, scan: str = "loop", rounds: int = 1):
+    """The SSM of one layer, in fp32: u, dt (B, T, D); b, c (B, T, N); a (D, N); d (D,); gate (B, D, T);
+    h0 (B, D, N) -> y (B, D, T) gated, and the last state (B, D, N). Shared by every torch path."""
+    da = torch.exp(a[None, :, None, :] * dt.transpose(1, 2)[..., None])  # (B, D, T, N)
+    dbu = (dt * u).transpose(1, 2)[..., None] * b[:, None, :, :]  # (B, D, T, N)
+    if scan == "loop":
+        hs = scan_loop(da, dbu, h0)
+    elif scan == "logdepth":
+        hs = scan_logdepth(da, dbu, h0, rounds)
+    else:
+        hs = scan_hop(da, dbu, h0)
+    y = (hs * c[:, None, :, :]).sum(-1)  # (B, D, T): C_t . h_t
+    y = y + u.transpose(1, 2) * d[None, :, None]
+    return y * F.silu(gate), hs[:, :, -1]
+
+
 class MambaMixer(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -133,21 +149,10 @@ class MambaMixer(nn.Module):
         dt, b, c = torch.split(self.x_proj(u), [self.rank, self.n, self.n], dim=-1)
         dt = F.softplus(self.dt_proj(weightless_rms(dt, self.eps)).float())  # (B, T, D)
         b, c = weightless_rms(b, self.eps).float(), weightless_rms(c, self.eps).float()
-        uf = u.float()
-        da = torch.exp(a_log_to_a(self.A_log)[None, :, None, :] * dt.transpose(1, 2)[..., None])  # (B, D, T, N)
-        dbu = (dt * uf).transpose(1, 2)[..., None] * b[:, None, :, :]  # (B, D, T, N)
-        h0 = ssm_state.float()
-        if scan == "loop":
-            hs = scan_loop(da, dbu, h0)
-        elif scan == "logdepth":
-            hs = scan_logdepth(da, dbu, h0, rounds)
-        else:
-            hs = scan_hop(da, dbu, h0)
-        y = (hs * c[:, None, :, :]).sum(-1)  # (B, D, T): C_t . h_t
-        y = y + uf.transpose(1, 2) * self.D.float()[None, :, None]
-        y = y * F.silu(gate.float())
+        y, h = selective_scan(u.float(), dt, b, c, a_log_to_a(self.A_log), self.D.float(), gate.float(),
+                              ssm_state.float(), scan, rounds)
         out = self.out_proj(y.transpose(1, 2).to(x.dtype))
-        return out, conv_state, hs[:, :, -1]
+        return out, conv_state, h
 
 
 class RMSNorm(nn.Module):
@@ -266,8 +271,9 @@ def past_present(core: FalconMambaCore) -> nn.Module:
     return FalconMambaPastPresent(core)
 
 
-def stateful(core: FalconMambaCore, batch_size: int, state_dtype: torch.dtype, names: dict[str, str]) -> nn.Module:
-    return FalconMambaStateful(core, batch_size, state_dtype, names)
+def stateful(core: FalconMambaCore, batch_size: int, state_dtype: torch.dtype, names: dict[str, str],
+             mask: str = "none") -> nn.Module:
+    return FalconMambaStateful(core, batch_size, state_dtype, names)  # no mask input: `mask` is always "none"
 
 
 # ---- transformers' own model as the reference (perch.runtimes.pytorch.reference)

@@ -1,14 +1,17 @@
-"""The fast CUDA reference: Falcon with SDPA, a static K,V cache and CUDA graphs; Falcon-Mamba calling the
-mamba-ssm / causal-conv1d kernels directly, with CUDA graphs; a bitsandbytes 4/8-bit transformers reference.
+"""The fast CUDA reference: Falcon with SDPA, a static K,V cache and CUDA graphs; Falcon-Mamba with Triton
+kernels of our own (runtimes/pytorch/mamba_kernels.py) and CUDA graphs; a bitsandbytes 4/8-bit reference.
 
-Why not transformers: on an H100 its Falcon-7B decodes at 26 ms/token and Falcon-Mamba-7B at 127 ms/token
-(docs/traps.md), against a ~4.6 ms bandwidth floor: launch overhead and, for Mamba, kernels it does not reliably
-call (docs/traps.md). Both runtimes reuse Perch's export-ready modules for the weights (transformers names,
-strict load) and the Runtime step API; decode runs one captured graph per batch size over static buffers.
-`kernels="torch"` and `cuda_graphs=False` run the same data flow on CPU (the kernels' reference
-semantics), which is how tests check the plumbing without a GPU. Optional packages are imported lazily.
+Why not transformers: on an H100 its Falcon-7B decodes at 26 ms/token and Falcon-Mamba-7B at 127 ms/token,
+against a ~4.6 ms bandwidth floor (docs/traps.md): launch overhead and unfused ops, not arithmetic. Both
+runtimes reuse Perch's export-ready modules for the weights (transformers names, strict load) and the
+Runtime step API; Falcon's forward is `FalconCore.run` with a static-cache `attend` policy; decode runs one
+captured graph per batch size over static buffers. No compiled extension is needed (mamba-ssm takes 6-9
+minutes to build on the GPU machine). `kernels="torch"` and `cuda_graphs=False` run the same data flow on
+CPU, which is how tests check it against transformers without a GPU.
 """
 from __future__ import annotations
+
+import importlib.util
 
 import numpy as np
 import torch
@@ -22,50 +25,6 @@ def _require_cuda() -> None:
     if not torch.cuda.is_available():
         raise PerchError("the fast reference needs a CUDA GPU and a CUDA build of torch; use --device cpu "
                          "(the transformers reference) on a machine without one")
-
-
-def mamba_kernels():
-    """(selective_state_update, selective_scan_fn, causal_conv1d_update, causal_conv1d_fn) or PerchError."""
-    try:
-        from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
-    except ImportError as e:
-        raise PerchError(f"the fast Falcon-Mamba reference needs mamba-ssm and causal-conv1d ({e}); "
-                         "install them with `pip install perch[mamba]` on the GPU machine") from None
-    return selective_state_update, selective_scan_fn, causal_conv1d_update, causal_conv1d_fn
-
-
-# ---- the kernels' reference semantics in torch (mamba_ssm / causal_conv1d `*_ref`), for CPU runs
-def _ssm_update_torch(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    dt = dt.float() + (dt_bias.float() if dt_bias is not None else 0.0)
-    dt = F.softplus(dt) if dt_softplus else dt
-    state.copy_(state * torch.exp(dt[..., None] * A) + (dt[..., None] * B.float()[:, None]) * x.float()[..., None])
-    out = (state * C.float()[:, None]).sum(-1) + (x.float() * D.float() if D is not None else 0.0)
-    return (out * F.silu(z.float()) if z is not None else out).to(x.dtype)
-
-
-def _scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
-    state = torch.zeros(u.shape[0], u.shape[1], A.shape[1], device=u.device, dtype=torch.float32)
-    ys = [_ssm_update_torch(state, u[..., t], delta[..., t], A, B[..., t], C[..., t], D,
-                            None if z is None else z[..., t], delta_bias, delta_softplus) for t in range(u.shape[-1])]
-    y = torch.stack(ys, dim=-1)
-    return (y, state) if return_last_state else y
-
-
-def _conv_update_torch(x, conv_state, weight, bias=None, activation=None):
-    full = torch.cat([conv_state, x[..., None]], dim=-1)
-    conv_state.copy_(full[..., 1:])
-    y = (full[..., 1:] * weight).sum(-1) + (bias if bias is not None else 0.0)
-    return F.silu(y) if activation == "silu" else y
-
-
-def _conv_fn_torch(x, weight, bias=None, activation=None):
-    y = F.conv1d(x, weight.unsqueeze(1), bias, padding=weight.shape[1] - 1, groups=x.shape[1])[..., : x.shape[-1]]
-    return F.silu(y) if activation == "silu" else y
-
-
-TORCH_KERNELS = (_ssm_update_torch, _scan_torch, _conv_update_torch, _conv_fn_torch)
 
 
 class _GraphedRuntime(Runtime):
@@ -159,7 +118,8 @@ class FastFalcon(_GraphedRuntime):
             self.v[i].index_copy_(2, idx, v)
             b, _, t, hd = q.shape
             q = q.reshape(b, self.nkv, g * t, hd)  # rows: group-major, then position; no K,V repeat
-            m = mask.unsqueeze(2).expand(b, 1, g, t, mask.shape[-1]).reshape(b, 1, g * t, -1)
+            # one query position (decode): every folded row shares the mask row, so let SDPA broadcast it
+            m = mask if t == 1 else mask.unsqueeze(2).expand(b, 1, g, t, mask.shape[-1]).reshape(b, 1, g * t, -1)
             out = F.scaled_dot_product_attention(q, self.k[i, :, :, :kv_len], self.v[i, :, :, :kv_len], attn_mask=m)
             return out.view(b, self.nh, t, hd).transpose(1, 2).reshape(b, t, self.nh * hd)
 
@@ -197,37 +157,42 @@ class FastFalcon(_GraphedRuntime):
 
 
 class FastFalconMamba(_GraphedRuntime):
-    """Falcon-Mamba on CUDA: `causal_conv1d_update` + `selective_state_update` per layer in one graphed decode
-    step; prefill with `causal_conv1d_fn` + `selective_scan_fn` (which starts from a zero SSM state, so a
-    chunk that follows stored state runs token by token). The residual stream is fp32, as in transformers
-    (`residual_in_fp32`); the SSM state is fp32, the conv state in the model dtype (the kernel's rule).
+    """Falcon-Mamba on CUDA: per layer `add_rms_norm`, in_proj, `conv_step`, x_proj, dt_proj, `ssm_scan`,
+    out_proj (runtimes/pytorch/mamba_kernels.py), the whole decode step in one CUDA graph. Prefill runs the
+    same layer body over the chunk, with the stock depthwise conv and `ssm_scan` over all its tokens; every
+    call continues from the stored state. The residual stream is fp32, as in transformers
+    (`residual_in_fp32`); the SSM state is fp32, the conv state in the model dtype.
+    `kernels="torch"` swaps the Triton kernels for their torch twins ("auto": Triton on CUDA, torch elsewhere).
     """
 
     name, ARCH = "perch-cuda-falcon-mamba", "falcon_mamba"
 
     def __init__(self, config, state_dict: dict, *, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
-                 max_context: int = 1 << 20, cuda_graphs: bool = True, kernels: str = "cuda"):
+                 max_context: int = 1 << 20, cuda_graphs: bool = True, kernels: str = "auto"):
         from perch.archs import falcon_mamba
+        from perch.runtimes.pytorch.mamba_kernels import KERNELS
 
+        if kernels == "auto":
+            kernels = "triton" if torch.device(device).type == "cuda" else "torch"
+        if kernels not in KERNELS:
+            raise PerchError(f"kernels={kernels!r}: choose auto or one of {', '.join(KERNELS)}")
+        if kernels == "triton" and importlib.util.find_spec("triton") is None:
+            raise PerchError("the fast Falcon-Mamba reference needs triton (it ships with CUDA builds of torch); "
+                             "`pip install triton`, or use --device cpu")
         self._setup(config, device, dtype, max_context, cuda_graphs)
-        fns = mamba_kernels() if kernels == "cuda" else TORCH_KERNELS
-        self.ssm_update, self.scan, self.conv_update, self.conv_fn = fns
+        self.add_rms_norm, self.conv_step, self.ssm_scan = KERNELS[kernels]
         core = falcon_mamba.build(config, _cast(state_dict, dtype), max_context)
         self.core = core.to(self.device).requires_grad_(False)
         self.io = falcon_mamba.io_spec(config, max_context, state_dtype="float32")
         mixers = [blk.mixer for blk in self.core.backbone.layers]
-        # Per-layer constants the kernels take in fp32, computed once (transformers recomputes them per call).
-        self.A = [falcon_mamba.a_log_to_a(m.A_log) for m in mixers]
+        # Per-layer constants in the layout and dtype the kernels take, computed once.
+        self.A = [falcon_mamba.a_log_to_a(m.A_log).contiguous() for m in mixers]
         self.D = [m.D.float() for m in mixers]
         self.dt_bias = [m.dt_proj.bias.float() for m in mixers]
-        self.conv_w = [m.conv1d.weight[:, 0] for m in mixers]  # (D, 1, K) -> (D, K)
-        self.eps, self.k = config.mixer_rms_eps, config.conv_kernel
-        m = mixers[0]
-        # dt, B and C are RMS-normed separately: one matmul with a 0/1 segment matrix sums all three at once
-        # (fewer small kernels per layer; that launch count, not arithmetic, is what a graphed decode pays).
-        self.split = [m.rank, m.n, m.n]
-        seg = torch.repeat_interleave(torch.eye(3), torch.tensor(self.split), dim=0)  # (r+2N, 3)
-        self.seg, self.seg_mean = seg.to(self.device), (seg / torch.tensor(self.split)).to(self.device)
+        self.conv_w = [m.conv1d.weight[:, 0].contiguous() for m in mixers]  # (D, 1, K) -> (D, K)
+        self.eps = config.mixer_rms_eps
+        # The torch twin's scan holds (B, D, T, N) tensors: bound T; the Triton scan keeps no such tensor.
+        self.chunk = 64 if kernels == "torch" else max_context
         self.reset(1)
 
     def _allocate(self, b: int) -> None:
@@ -241,60 +206,46 @@ class FastFalconMamba(_GraphedRuntime):
         self.conv.zero_()
         self.ssm.zero_()
 
-    def _ssm_inputs(self, mixer, u: torch.Tensor):
-        """u (..., D) -> dt before bias and softplus (..., D), B and C (..., N), each RMS-normed first
-        (Falcon-Mamba's weightless norms, in fp32 like `perch.archs.falcon_mamba.weightless_rms`)."""
-        x = mixer.x_proj(u)
-        xf = x.float()
-        inv = torch.rsqrt(xf.square() @ self.seg_mean + self.eps)  # (..., 3): one per segment
-        dt, b, c = torch.split((xf * (inv @ self.seg.T)).to(x.dtype), self.split, dim=-1)
-        dt = F.linear(dt, mixer.dt_proj.weight)  # its bias goes to the kernel (dt_bias)
-        return dt, b, c
+    def _run(self, ids: torch.Tensor, keep: torch.Tensor | None, step: bool) -> torch.Tensor:
+        """ids (B, T); keep (B, T, 1) 1/0 (left padding) or None; step: T == 1 through `conv_step`
+        -> logits (B, T, V) fp32, continuing from and updating the stored conv and SSM state."""
+        core, d = self.core, self.config.intermediate_size
+        res = core.backbone.embeddings(ids).float()  # (B, T, H): the fp32 residual stream
+        b, t, width = res.shape
+        res, out = res.view(b * t, width), None
+        for i, blk in enumerate(core.backbone.layers):
+            m = blk.mixer
+            x = self.add_rms_norm(res, out, blk.norm.weight, blk.norm.eps).view(b, t, width)
+            xz = m.in_proj(x if keep is None else x * keep)  # (B, T, 2D): conv input, then gate
+            if step:
+                u = self.conv_step(xz[:, 0, :d], self.conv[i], self.conv_w[i], m.conv1d.bias)[:, None]
+            else:
+                u, conv = m.conv(xz[..., :d].transpose(1, 2), self.conv[i])  # the export module's conv
+                self.conv[i].copy_(conv)
+                u = u.transpose(1, 2) if keep is None else u.transpose(1, 2) * keep
+                u = u.contiguous()
+            xdbc = m.x_proj(u)  # (B, T, R+2N)
+            dtl = F.linear(xdbc[..., : m.rank], m.dt_proj.weight)  # its norm and bias are applied in ssm_scan
+            y = self.ssm_scan(self.ssm[i], u, dtl, xdbc, xz[..., d:], self.A[i], self.D[i], self.dt_bias[i], self.eps)
+            out = m.out_proj(y).view(b * t, width)
+        norm_f = core.backbone.norm_f
+        return core.lm_head(self.add_rms_norm(res, out, norm_f.weight, norm_f.eps)).float().view(b, t, -1)
 
     def _decode_body(self) -> torch.Tensor:
-        core = self.core
-        res = core.backbone.embeddings(self.s_ids[:, 0]).float()  # (B, H)
-        for i, blk in enumerate(core.backbone.layers):
-            m = blk.mixer
-            u, z = m.in_proj(blk.norm(res.to(self.dtype))).chunk(2, dim=-1)  # (B, D) each
-            u = self.conv_update(u.contiguous(), self.conv[i], self.conv_w[i], m.conv1d.bias, "silu")
-            dt, b, c = self._ssm_inputs(m, u)
-            y = self.ssm_update(self.ssm[i], u, dt, self.A[i], b, c, self.D[i], z=z.contiguous(),
-                                dt_bias=self.dt_bias[i], dt_softplus=True)
-            res = res + m.out_proj(y).float()
-        return core.lm_head(core.backbone.norm_f(res.to(self.dtype))).float()[:, None]
-
-    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """A first chunk (zero state): the fused scan over all T tokens. ids, mask (B, T) -> logits (B, T, V)."""
-        core, keep = self.core, mask[..., None].to(self.dtype)
-        res = core.backbone.embeddings(ids).float()
-        for i, blk in enumerate(core.backbone.layers):
-            m = blk.mixer
-            u, z = m.in_proj(blk.norm(res.to(self.dtype)) * keep).transpose(1, 2).chunk(2, dim=1)  # (B, D, T)
-            self.conv[i].copy_(torch.cat([self.conv[i], u], dim=-1)[..., -self.k:])  # the last K inputs
-            u = self.conv_fn(u.contiguous(), self.conv_w[i], m.conv1d.bias, activation="silu") * keep.transpose(1, 2)
-            dt, b, c = self._ssm_inputs(m, u.transpose(1, 2))
-            y, last = self.scan(u, dt.transpose(1, 2).contiguous(), self.A[i], b.transpose(1, 2).contiguous(),
-                                c.transpose(1, 2).contiguous(), self.D[i], z.contiguous(), self.dt_bias[i],
-                                delta_softplus=True, return_last_state=True)
-            self.ssm[i].copy_(last)
-            res = res + m.out_proj(y.transpose(1, 2)).float()
-        return core.lm_head(core.backbone.norm_f(res.to(self.dtype))).float()
+        return self._run(self.s_ids, None, step=True)
 
     @torch.inference_mode()
     def _forward(self, input_ids, mask, positions) -> np.ndarray:
         t = input_ids.shape[1]
-        if t > 1 and self.position == t:  # nothing stored before this chunk
-            ids, m = torch.from_numpy(input_ids).to(self.device), torch.from_numpy(mask[:, -t:]).to(self.device)
-            return self._prefill(ids, m).cpu().numpy()
-        if not mask[:, -t:].all():
-            raise PerchError("a padded chunk after stored state is not supported by the fast Falcon-Mamba reference; "
-                             "pad only the first prefill")
-        out = []
-        for j in range(t):  # a chunk after stored state: the scan kernel has no initial state, step instead
-            self.s_ids.copy_(torch.from_numpy(input_ids[:, j : j + 1]))
-            out.append(self._decode())
-        return np.concatenate(out, axis=1)
+        if t == 1 and mask[:, -1].all():
+            self.s_ids.copy_(torch.from_numpy(input_ids))
+            return self._decode()
+        ids = torch.from_numpy(input_ids).to(self.device)
+        m = torch.from_numpy(mask[:, -t:]).to(self.device)
+        keep = None if bool(m.all()) else m[..., None].to(self.dtype)
+        parts = [self._run(ids[:, s : s + self.chunk], None if keep is None else keep[:, s : s + self.chunk], False)
+                 for s in range(0, t, self.chunk)]
+        return torch.cat(parts, dim=1).cpu().numpy()
 
     def state(self) -> dict[str, np.ndarray]:
         out = {}
@@ -306,8 +257,7 @@ class FastFalconMamba(_GraphedRuntime):
 
 def open_gpu_reference(ckpt, *, dtype: torch.dtype = torch.bfloat16, max_context: int = 2048,
                        cuda_graphs: bool = True) -> Runtime:
-    """The fast CUDA reference for a loaded checkpoint; PerchError without CUDA (or, for Falcon-Mamba,
-    without mamba-ssm and causal-conv1d)."""
+    """The fast CUDA reference for a loaded checkpoint (Triton kernels for Falcon-Mamba); PerchError without CUDA."""
     _require_cuda()
     fast = {cls.ARCH: cls for cls in (FastFalcon, FastFalconMamba)}
     if ckpt.arch not in fast:

@@ -22,8 +22,9 @@ import numpy as np
 from perch.errors import PerchError
 from perch.runtimes.mil import ops as mil_ops
 from perch.runtimes.mil.program import MilProgram, MilTensor
+from perch.runtimes.mil.shapes import check_default_shapes
 
-__all__ = ["MilExecutor", "MilProgram", "MilTensor", "program_op_types"]
+__all__ = ["MilExecutor", "MilProgram", "MilTensor", "program_op_types", "unsupported_ops"]
 
 _F16, _F32 = np.dtype(np.float16), np.dtype(np.float32)
 _CONTROL = ("while_loop", "cond", "read_state", "write_state", "coreml_update_state")
@@ -63,6 +64,11 @@ def program_op_types(block: Any) -> set[str]:
     return found
 
 
+def unsupported_ops(op_types: set[str]) -> list[str]:
+    """The op types among `op_types` that the executor has no kernel for, sorted."""
+    return sorted(set(op_types) - set(mil_ops.OPS) - set(_CONTROL) - {"const"})
+
+
 def _declared(var: Any) -> tuple[np.dtype | None, tuple[int | None, ...] | None]:
     """A var's numpy dtype and shape (None for symbolic dims); (None, None) for lists/strings/states."""
     from coremltools.converters.mil.mil import types
@@ -78,6 +84,14 @@ def _declared(var: Any) -> tuple[np.dtype | None, tuple[int | None, ...] | None]
     if prim == types.str:
         return None, None
     return np.dtype(types.nptype_from_builtin(prim)), shape
+
+
+def _as_output(value: Any) -> Any:
+    """Core ML's output convention: a model output is a multiarray of rank >= 1, so a rank-0 result
+    (a full reduction, a scalar index) comes back with shape (1,)."""
+    if isinstance(value, (np.ndarray, np.generic)) and np.ndim(value) == 0:
+        return np.reshape(value, (1,))
+    return value
 
 
 def _shape_ok(shape: tuple[int, ...], declared: tuple[int | None, ...]) -> bool:
@@ -97,6 +111,7 @@ class MilExecutor:
         self.op_types = program_op_types(fn)
         self._check_supported()
         self.inputs = self.program.inputs(self.function_name)
+        check_default_shapes(fn, self.inputs, self.function_name)
         self.states = self.program.states(self.function_name)
         self.outputs = tuple(v.name for v in fn.outputs)
         self._keys: dict[int, str] = {}
@@ -109,8 +124,7 @@ class MilExecutor:
     # ---- load-time compilation ------------------------------------------------------------------
 
     def _check_supported(self) -> None:
-        known = set(mil_ops.OPS) | set(_CONTROL) | {"const"}
-        unknown = sorted(self.op_types - known)
+        unknown = unsupported_ops(self.op_types)
         if unknown:
             ops = ", ".join(f"'{t}'" for t in unknown)
             noun = "op" if len(unknown) == 1 else "ops"
@@ -221,7 +235,7 @@ class MilExecutor:
         env = self._check_inputs(inputs)
         state = self._check_state(state)
         self._run(self._plan, env, state)
-        return {name: self._resolve(ref, env) for name, ref in zip(self.outputs, self._plan.outputs)}
+        return {name: _as_output(self._resolve(ref, env)) for name, ref in zip(self.outputs, self._plan.outputs)}
 
     def _check_inputs(self, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
         expected = {t.name for t in self.inputs}

@@ -4,7 +4,8 @@ Each kernel takes the op's MIL parameters as keyword arguments (numpy arrays, nu
 returns an array, or a tuple for multi-output ops. Float inputs arrive as float32 even for fp16 ops; the
 executor rounds every result to the op's declared dtype, so kernels never round themselves. Kernels must
 not modify their inputs. Semantics follow coremltools/converters/mil/mil/ops/defs (iOS15..iOS18).
-Data-movement, indexing and attention kernels live in `ops_tensor`, registered in the same table.
+Data-movement and attention kernels live in `ops_tensor`, gather / scatter in `ops_index`, tensor lists
+in `ops_list`, all registered in the same table.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from perch.runtimes.mil import ops_tensor  # noqa: F401  (registers its kernels in OPS)
+from perch.runtimes.mil import ops_index, ops_list, ops_tensor  # noqa: F401  (register their kernels in OPS)
 
 from perch.runtimes.mil.registry import OPS, Kernel, register  # noqa: F401  (OPS is the public table)
 
@@ -222,6 +223,18 @@ def layer_norm(x, axes=None, gamma=None, beta=None, epsilon=1e-5):
     if beta is not None:
         y = y + np.reshape(beta, shape)
     return y
+
+
+@register("instance_norm")
+def instance_norm(x, gamma=None, beta=None, epsilon=1e-5):
+    # Per sample and channel over the spatial axes (2..); the normalization fusion pass emits it.
+    axes = tuple(range(2, x.ndim))
+    centered = x - np.mean(x, axis=axes, keepdims=True)
+    y = centered / np.sqrt(np.mean(centered * centered, axis=axes, keepdims=True) + epsilon)
+    shape = (-1,) + (1,) * (x.ndim - 2)  # gamma, beta are per channel (axis 1)
+    if gamma is not None:
+        y = y * np.reshape(gamma, shape)
+    return y if beta is None else y + np.reshape(beta, shape)
 
 
 @register("batch_norm")

@@ -1,7 +1,8 @@
-"""Numpy kernels for MIL data-movement, indexing, convolution and attention ops (see `ops`).
+"""Numpy kernels for MIL data-movement, slicing, convolution and attention ops (see `ops`).
 
 Same contract as `ops`: keyword arguments named like the MIL parameters, float inputs as float32,
-results rounded by the executor, inputs never modified. Kernels register in `perch.runtimes.mil.registry.OPS`.
+results rounded by the executor, inputs never modified. Kernels register in
+`perch.runtimes.mil.registry.OPS`; the gather / scatter family is in `ops_index`.
 """
 from __future__ import annotations
 
@@ -214,74 +215,6 @@ def topk(x, k=1, axis=-1, ascending=False, sort=True, return_indices=True, outpu
     idx = np.take(_order(x, axis, bool(ascending)), np.arange(k), axis=axis)
     values = np.take_along_axis(x, idx, axis=axis)
     return (values, idx) if return_indices else values
-
-
-# ---- gather / scatter ----------------------------------------------------------------------------
-
-
-@register("gather")
-def gather(x, indices, axis=0, batch_dims=0, validate_indices=False):
-    axis, b = int(axis) % x.ndim, int(batch_dims)
-    indices = np.asarray(indices)
-    if b == 0:
-        return np.take(x, indices, axis=axis)
-    batch = x.shape[:b]  # gather row by row over the leading batch dims
-    xs = x.reshape((-1,) + x.shape[b:])
-    ids = indices.reshape((-1,) + indices.shape[b:])
-    out = np.stack([np.take(p, i, axis=axis - b) for p, i in zip(xs, ids)])
-    return out.reshape(batch + out.shape[1:])
-
-
-@register("gather_along_axis")
-def gather_along_axis(x, indices, axis=0, validate_indices=False):
-    return np.take_along_axis(x, np.asarray(indices, dtype=np.intp), axis=int(axis))
-
-
-@register("gather_nd")
-def gather_nd(x, indices, batch_dims=0, validate_indices=False):
-    b = int(batch_dims)
-    batch = x.shape[:b]
-    xs = x.reshape((-1,) + x.shape[b:])
-    ids = np.asarray(indices).reshape((-1,) + np.shape(indices)[b:])
-    rows = np.arange(xs.shape[0]).reshape((-1,) + (1,) * (ids.ndim - 2))
-    out = xs[(rows,) + tuple(np.moveaxis(ids, -1, 0))]
-    return out.reshape(batch + out.shape[1:])
-
-
-_SCATTER_UFUNCS = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide,
-                   "max": np.maximum, "min": np.minimum}
-
-
-def _scatter_into(out: np.ndarray, index: tuple, updates, mode: str) -> np.ndarray:
-    if mode == "update":
-        out[index] = updates
-    else:
-        _SCATTER_UFUNCS[mode].at(out, index, updates)  # .at accumulates repeated indices
-    return out
-
-
-@register("scatter")
-def scatter(data, indices, updates, axis=0, mode="add", validate_indices=False):
-    out = np.array(data, copy=True)
-    view = np.moveaxis(out, int(axis), 0)  # a view: writes land in `out`
-    _scatter_into(view, (np.asarray(indices, dtype=np.intp),), np.moveaxis(updates, int(axis), 0), mode)
-    return out
-
-
-@register("scatter_along_axis")
-def scatter_along_axis(data, indices, updates, axis=0, mode="add", validate_indices=False):
-    out = np.array(data, copy=True)
-    axis = int(axis) % data.ndim
-    grid = list(np.ogrid[tuple(slice(0, n) for n in np.shape(indices))])
-    grid[axis] = np.asarray(indices, dtype=np.intp)
-    return _scatter_into(out, tuple(grid), updates, mode)
-
-
-@register("scatter_nd")
-def scatter_nd(data, indices, updates, mode="add", validate_indices=False):
-    out = np.array(data, copy=True)
-    index = tuple(np.moveaxis(np.asarray(indices, dtype=np.intp), -1, 0))
-    return _scatter_into(out, index, updates, mode)
 
 
 # ---- convolution and attention -------------------------------------------------------------------

@@ -25,6 +25,7 @@ from torch import nn
 from perch.archs.falcon import rotary_tables, rotate_half, rope_theta
 from perch.archs.masks import MASK_MIN, additive_mask
 from perch.archs.falcon_mamba import a_log_to_a
+from perch.archs.layers import RMSNorm
 from perch.spec import ModelIO, StateSpec, TensorSpec
 
 NAME = "falcon_h1"
@@ -146,16 +147,6 @@ def scan_ssd(x, dt, a, b, c, h0, chunk: int | None):
 
 
 # ------------------------------------------------------------------------------------------- modules
-class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
-        super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.ones(size)), eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
-
 class GatedNorm(nn.Module):
     """The mixer's grouped RMS norm with a SiLU gate before or after it (FalconH1RMSNormGated), in fp32."""
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from perch.archs.layers import RMSNorm
 from perch.spec import ModelIO, StateSpec, TensorSpec
 
 NAME = "falcon_mamba"
@@ -165,16 +166,6 @@ class MambaMixer(nn.Module):
                               ssm_state.float(), scan, rounds)
         out = self.out_proj(y.transpose(1, 2).to(x.dtype))
         return out, conv_state, h
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
-        super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.ones(size)), eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class MambaBlock(nn.Module):

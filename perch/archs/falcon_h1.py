@@ -420,7 +420,13 @@ def past_present(core: FalconH1Core) -> nn.Module:
     return FalconH1PastPresent(core)
 
 
-def stateful(core: FalconH1Core, batch_size: int, state_dtype: torch.dtype, names: dict[str, str]) -> nn.Module:
+def stateful(core: FalconH1Core, batch_size: int, state_dtype: torch.dtype, names: dict[str, str],
+             mask: str = "additive") -> nn.Module:
+    if mask != "additive":  # a client profile's mask contract this module does not build (swift-transformers')
+        from perch.errors import PerchError
+
+        raise PerchError(f"{NAME} takes the additive causal mask only, not the {mask!r} contract; export it "
+                         "without --for (Apple's stateful recipe)")
     return FalconH1Stateful(core, batch_size, state_dtype, names)
 
 

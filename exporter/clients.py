@@ -126,7 +126,8 @@ def write_side_files(manifest, out_dir: Path) -> list[str]:
     transformers.js' settings in config.json."""
     written = []
     verdicts = support(manifest.profile, manifest.format, manifest.arch)
-    if manifest.format == "onnx" and verdicts.get("genai") == "runs":
+    kv_only = {st.kind for st in manifest.io.states} <= {"key", "value"}  # genai feeds a growing K,V cache only
+    if manifest.format == "onnx" and verdicts.get("genai") == "runs" and kv_only:
         written.append(write_genai_config(manifest, out_dir))
     if manifest.profile == "transformers.js":
         written.append(_transformers_js_config(manifest, out_dir))

@@ -116,7 +116,8 @@ def open_onnx(path: str, ckpt, device: str, max_context: int, workdir: Path):
 
     # The in-place cache (GroupQueryAttention) where the architecture has one: ORT's fast decode graph.
     variant = "inplace" if "inplace" in arch_module(ckpt.arch).FRONTENDS else "default"
-    opts = options_for("onnx", precision="fp16", quantize="int4" if path == "onnx-int4" else "none",
+    # int4-search: the default int4 calibrates through the checkpoint's tokenizer, which the bare presets lack
+    opts = options_for("onnx", precision="fp16", quantize="int4-search" if path == "onnx-int4" else "none",
                        max_context=max_context, variant=variant)
     cpu = type(ckpt)(ckpt.model_dir, ckpt.config, ckpt.arch, {k: v.cpu() for k, v in ckpt.state_dict.items()},
                      ckpt.source)

@@ -48,8 +48,8 @@ def test_torch_export_past_present_dynamic(load_preset, name):
     dyn = torch.export.Dim.DYNAMIC
     io = mod.io_spec(ckpt.config, 64, "past_present")
     inputs = tuple({a: dyn for a, axis in enumerate(s.shape) if isinstance(axis, str)} for s in io.inputs)
-    state_axes = {a: dyn for a, axis in enumerate(io.states[0].shape) if isinstance(axis, str)}
-    shapes = (*inputs, tuple(state_axes for _ in args[len(inputs):]))
+    per_state = [{a: dyn for a, axis in enumerate(s.shape) if isinstance(axis, str)} for s in io.states]
+    shapes = (*inputs, tuple(per_state[j % len(per_state)] for j in range(len(args) - len(inputs))))
     with torch.no_grad():
         ep = torch.export.export(graph, args, dynamic_shapes=shapes)
         other = past_present_args(ckpt, mod, 1, 9, 4)  # another batch, length and past than traced

@@ -20,7 +20,14 @@ TINY = {  # name -> (config, expected arch, expected falcon variant)
     "falcon_multi_head_sequential": (lambda: FalconConfig(**FALCON, multi_query=False, parallel_attn=False,
                                                           bias=True), "falcon", "multi_head"),
     "falcon_mamba": (lambda: FalconMambaConfig(**MAMBA, tie_word_embeddings=False), "falcon_mamba", None),
+    "falcon_h1": (lambda: _preset_config("falcon-h1-tiny"), "falcon_h1", None),
 }
+
+
+def _preset_config(name: str):
+    from perch.dev.presets import make_config
+
+    return make_config(name)
 IDS = torch.tensor([[3, 17, 42, 5, 88, 1, 60, 33], [9, 9, 70, 2, 14, 51, 6, 80]])
 
 

@@ -97,12 +97,15 @@ def llama_binding(lib_dir: str, binding_dir: str):
 
 
 def llama_quantize(src: str, dst: str, kind: str, lib_dir: str, binding_dir: str) -> None:
-    """What `llama-quantize [--pure] SRC DST TYPE` does, through the library: kind Q8_0, Q4_0 or Q4_0-pure."""
+    """What `llama-quantize [--pure] SRC DST TYPE` does, through the library: kind Q8_0, Q4_0, Q4_K_M or
+    Q4_0-pure (the "-pure" suffix: every tensor at the type, embedding and output included)."""
     import ctypes
 
     ll = llama_binding(lib_dir, binding_dir)
     params = ll.llama_model_quantize_default_params()
-    params.ftype = {"Q8_0": ll.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": ll.LLAMA_FTYPE_MOSTLY_Q4_0}[kind.split("-")[0]]
+    ftypes = {"Q8_0": ll.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": ll.LLAMA_FTYPE_MOSTLY_Q4_0,
+              "Q4_K_M": ll.LLAMA_FTYPE_MOSTLY_Q4_K_M}
+    params.ftype = ftypes[kind.split("-")[0]]
     params.pure, params.nthread = kind.endswith("-pure"), 1
     if ll.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)) != 0:
         raise SystemExit(f"llama_model_quantize failed for {src} -> {kind}")
@@ -145,6 +148,33 @@ class LlamaCppEngine:
 
     def step(self, tok):
         return self._decode([tok])
+
+    def all_logits(self, tokens: list[int]) -> np.ndarray:
+        """(len(tokens), vocab) logits at every position of one sequence from an empty state: a batch that
+        asks for each token's output (llama_batch_get_one returns only the last)."""
+        ll, n = self.ll, len(tokens)
+        batch = ll.llama_batch_init(n, 0, 1)
+        try:
+            batch.n_tokens = n
+            for i, t in enumerate(tokens):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = int(t), i, 1, 1
+                batch.seq_id[i][0] = 0
+            self.reset()
+            if ll.llama_decode(self.ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+            return np.stack([np.ctypeslib.as_array(ll.llama_get_logits_ith(self.ctx, i), shape=(self.vocab,))
+                             for i in range(n)]).copy()
+        finally:
+            ll.llama_batch_free(batch)
+
+
+def score_windows(engine: LlamaCppEngine, ids_path: str, out_path: str) -> None:
+    """Logits predicting the second half of each window (rows of the int array in `ids_path`), each window
+    from an empty state, saved as float32 (windows, ctx/2, vocab): what quant_quality.py compares."""
+    ids = np.load(ids_path)
+    ctx = ids.shape[1]
+    out = [engine.all_logits(list(row))[ctx // 2 - 1 : ctx - 1] for row in ids]
+    np.save(out_path, np.stack(out).astype(np.float32))
 
 
 class TorchCausalLM:
@@ -226,10 +256,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lib-dir", default=None, help="llama.cpp only: where libllama.so is")
     ap.add_argument("--binding-dir", default=None, help="llama.cpp only: the unpacked llama-cpp-python source")
     ap.add_argument("--quantize-to", default=None, help="llama.cpp only: write a quantized GGUF here (no timing)")
-    ap.add_argument("--kind", default=None, help="with --quantize-to: Q8_0, Q4_0 or Q4_0-pure")
+    ap.add_argument("--kind", default=None, help="with --quantize-to: Q8_0, Q4_0, Q4_K_M or Q4_0-pure")
+    ap.add_argument("--score-ids", default=None, help="llama.cpp only: .npy windows to score (no timing)")
+    ap.add_argument("--logits-out", default=None, help="with --score-ids: where the .npy logits go")
     args = ap.parse_args(argv)
     if args.quantize_to:
         llama_quantize(args.path, args.quantize_to, args.kind, args.lib_dir, args.binding_dir)
+        return 0
+    if args.score_ids:
+        ctx = int(np.load(args.score_ids).shape[1])
+        score_windows(LlamaCppEngine(args.path, args.threads, args.lib_dir, args.binding_dir, context=ctx),
+                      args.score_ids, args.logits_out)
         return 0
     base = rss_mb()
     t0 = time.perf_counter()

@@ -5,11 +5,13 @@ split (perch.dev.tokenizer.split_corpus), the first CHUNKS windows of CTX tokens
 state; the second half of each window is scored: KL(reference || artifact) and same top-1 at the logits that
 predict tokens CTX/2..CTX-1 (CHUNKS * CTX/2 = 2048 positions), perplexity of those tokens. Reference:
 transformers fp32. Artifacts run through perch.runtimes.open_artifact (Core ML: Perch's MIL executor).
-Bits per weight: the manifest's (stored bits over the parameters of every 2-D weight). Decode speed: ms per
-token for DECODE_STEPS single-token steps after a CTX-token prompt, every variant timed in this same run.
+Bits per weight: the manifest's (stored bits over the parameters of every 2-D weight; bits_per_linear_weight
+leaves out the SSM's A_log, as llama.cpp's GGUF count does). Decode speed: ms per token for DECODE_STEPS
+single-token steps after a CTX-token prompt (ONNX only: Perch's MIL executor is not a Core ML speed).
 
-llama.cpp is not run here: BENCHMARKS.md cites its figures from issue 18 (llama-perplexity --kl-divergence,
-same text and windows) until a llama.cpp build is available on the benchmark machine.
+llama.cpp (backend "llama.cpp", benchmarks/llama_quality.py): Q4_0 (+ --pure), Q4_K_M and Q8_0 scored on the
+same windows against the same reference, and by its own llama-perplexity --kl-divergence; a llama.cpp that
+cannot be built here is one row saying why.
 
 Usage: OMP_NUM_THREADS=1 python benchmarks/quant_quality.py [--arch falcon_mamba] [--backend onnx]
        [--coreml-chunks 8] [--json benchmarks/results/quant_quality.json]
@@ -23,16 +25,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+import llama_quality  # noqa: E402
 from perch.dev.fixtures import fixture_dir  # noqa: E402
 from perch.dev.tokenizer import split_corpus  # noqa: E402
 from perch.exporter.calibration import calibrate  # noqa: E402
 from perch.exporter.export import export  # noqa: E402
 from perch.exporter.options import OPTIONS, options_for  # noqa: E402
+from perch.exporter.quant_recipes import RECIPES  # noqa: E402
 from perch.exporter.to_onnx import quantize_artifact  # noqa: E402
 from perch.loading import load_checkpoint  # noqa: E402
 from perch.runtimes import open_artifact  # noqa: E402
@@ -79,11 +84,14 @@ def decode_ms(rt, prompt: np.ndarray, steps: int = DECODE_STEPS) -> float:
 
 
 def make(ckpt, backend: str, variant: str, out: Path, cal, onnx_float: Path | None):
-    """One artifact. ONNX variants quantize the float export (one trace per fixture, calibration shared)."""
+    """One artifact. ONNX variants quantize the float export (one trace per fixture); every variant, Core ML's
+    included, uses the one calibration computed here (export() would otherwise recompute it per variant)."""
     if backend == "onnx" and variant != "none" and onnx_float is not None:
         return quantize_artifact(onnx_float, out, variant, 32, calibration=cal)
     precision = "fp32" if backend == "onnx" else "fp16"
-    return export(ckpt, out, options_for(backend, precision=precision, quantize=variant, max_context=256))
+    with mock.patch("perch.exporter.calibration.calibration_for",
+                    lambda ckpt, options: cal if RECIPES.get(options.quantize, RECIPES["int8"]).calibration else None):
+        return export(ckpt, out, options_for(backend, precision=precision, quantize=variant, max_context=256))
 
 
 def measure(arch: str, backends: list[str], variants: list[str], work: Path, coreml_chunks: int) -> list[dict]:
@@ -96,6 +104,12 @@ def measure(arch: str, backends: list[str], variants: list[str], work: Path, cor
     print(f"calibration ({cal.info['windows']} tokens): {time.perf_counter() - t0:.0f} s", flush=True)
     rows = []
     for backend in backends:
+        if backend == "llama.cpp":
+            found = llama_quality.rows(arch, model_dir, ids, ref, compare, work, split_corpus()[1])
+            rows += found
+            for r in found:
+                print_row(r)
+            continue
         n = CHUNKS if backend == "onnx" else coreml_chunks
         onnx_float = None
         for variant in ("none", *[v for v in variants if v in OPTIONS[backend].QUANTIZE]):
@@ -108,7 +122,9 @@ def measure(arch: str, backends: list[str], variants: list[str], work: Path, cor
                    "quantize": variant, "chunks": n,
                    **compare(ref[:n], scored_logits(rt, ids[:n]), ids),
                    "bits_per_weight": m.quantization.get("bits_per_weight"),
-                   "decode_ms": decode_ms(rt, ids[0]), "export_seconds": round(seconds, 1)}
+                   "bits_per_linear_weight": m.quantization.get("bits_per_linear_weight"),
+                   "decode_ms": decode_ms(rt, ids[0]) if backend == "onnx" else None,
+                   "export_seconds": round(seconds, 1), "tensors": m.quantization.get("tensors")}
             rt.close()
             if backend == "onnx" and variant == "none":
                 onnx_float = out
@@ -147,15 +163,19 @@ def speed(arch: str, variants: list[str], work: Path, rounds: int) -> list[dict]
 
 
 def print_row(r: dict) -> None:
-    bpw = f"{r['bits_per_weight']:.3f}" if r.get("bits_per_weight") else "  -  "
+    if "skipped" in r:
+        print(f"| {r['arch']} | {r['backend']} | skipped: {r['skipped']} |", flush=True)
+        return
+    num = lambda k, f: format(r[k], f) if r.get(k) is not None else "-"  # noqa: E731
     print(f"| {r['arch']} | {r['backend']} | {r['quantize']} | {r['kl_mean']:.5f} | {100 * r['top1']:.1f}% | "
-          f"{r['ppl_change_pct']:+.2f}% | {bpw} | {r['decode_ms']:.2f} | {r['chunks']} |", flush=True)
+          f"{r['ppl_change_pct']:+.2f}% | {num('bits_per_weight', '.3f')} | {num('bits_per_linear_weight', '.3f')} | "
+          f"{num('decode_ms', '.2f')} | {r['chunks']} |", flush=True)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", action="append", choices=["falcon", "falcon_mamba"])
-    ap.add_argument("--backend", action="append", choices=["onnx", "coreml"])
+    ap.add_argument("--backend", action="append", choices=["onnx", "coreml", "llama.cpp"])
     ap.add_argument("--variant", action="append", help=f"default: {', '.join(VARIANTS)} (and palettize4 on Core ML)")
     ap.add_argument("--coreml-chunks", type=int, default=8, help="windows scored on Core ML (its executor is slow)")
     ap.add_argument("--json", default="benchmarks/results/quant_quality.json")
@@ -171,12 +191,13 @@ def main() -> int:
         Path(a.json).write_text(json.dumps({"meta": {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)},
                                             "results": rows}, indent=2) + "\n")
         return 0
-    print("| arch | backend | quantize | mean KL | same top-1 | ppl change | bits/weight | decode ms/token | windows |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| arch | backend | quantize | mean KL | same top-1 | ppl change | bits/weight | bits/linear weight | "
+          "decode ms/token | windows |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for arch in a.arch or ["falcon", "falcon_mamba"]:
-            rows += measure(arch, a.backend or ["onnx", "coreml"], variants, Path(tmp), a.coreml_chunks)
+            rows += measure(arch, a.backend or ["onnx", "coreml", "llama.cpp"], variants, Path(tmp), a.coreml_chunks)
     meta = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "chunks": CHUNKS, "ctx": CTX,
             "decode_steps": DECODE_STEPS, "command": " ".join(sys.argv)}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)

@@ -255,33 +255,39 @@ def _count(params: dict, shape, c: Choice) -> None:
 
 
 def _report(model: ir.Model, rec, block: int, done: dict[str, Choice], kept: dict, params: dict, cal) -> dict:
-    small, float_2d = [], [0, 0]
+    small, float_2d, ssm_2d = [], [0, 0], [0, 0]
     for name, v in model.graph.initializers.items():
         if v.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16) or not name.startswith("core."):
             continue  # quantized parts, and constants folded from the graph rather than checkpoint weights
         shown = _display(name)
         if shown in done or name.endswith((".scales", ".zero_points")):
             continue
-        if v.shape is not None and len(v.shape) >= 2 and not name.startswith("core.rope_"):
+        is_2d = v.shape is not None and len(v.shape) >= 2 and not name.startswith("core.rope_")
+        if is_2d:
             float_2d[0] += int(np.prod(list(v.shape)))
             float_2d[1] += int(np.prod(list(v.shape))) * 8 * v.dtype.itemsize
         if shown in kept:
             continue
         if name.startswith("core.rope_"):
             kept[shown] = "rotary table: read one row per position, and exact angles matter at long context"
-        elif v.shape is not None and len(v.shape) >= 2:
+        elif is_2d:
             kept[shown] = "not a MatMul or embedding weight (convolution or SSM parameter): no block-quantized op"
+            ssm_2d[0] += int(np.prod(list(v.shape)))
+            ssm_2d[1] += int(np.prod(list(v.shape))) * 8 * v.dtype.itemsize
         else:
             small.append(shown)
     if small:
         kept["1-D tensors"] = (f"{len(small)} norm weights, biases and per-channel parameters: a negligible share "
                                "of the size, and norms are precision-sensitive")
     bpw = (params["bits"] + float_2d[1]) / max(params["quantized"] + float_2d[0], 1)
+    # llama.cpp's count for the same weights (GGUF): MatMul and embedding weights only, the SSM's A_log left out
+    linear = (params["bits"] + float_2d[1] - ssm_2d[1]) / max(params["quantized"] + float_2d[0] - ssm_2d[0], 1)
     return {
         "method": rec.name, "description": rec.description, "bits": rec.bits, "block_size": block, "symmetric": False,
         "bits_per_weight": round(bpw, 3),
         "bits_per_weight_basis": "stored bits (codes, float16 scales, zero points; float weights at their size) "
                                  "over the parameters of every 2-D weight",
+        "bits_per_linear_weight": round(linear, 3),  # the same over MatMul/embedding weights (no SSM A_log)
         "scales": "float16, cast to the compute type in the graph (folded by ONNX Runtime at load)",
         "ops": {"linear": "com.microsoft.MatMulNBits", "embedding": "com.microsoft.GatherBlockQuantized"},
         "accuracy_level": ACCURACY_LEVEL, "quantized": list(done), "tensors": _choices(done),

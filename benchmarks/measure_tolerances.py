@@ -52,8 +52,9 @@ def variants(ckpt: Checkpoint, ctx: int) -> dict:
 
 # Real exports of the fixtures: (format, --precision, --quantize).
 ARTIFACTS = (("onnx", "fp32", "none"), ("onnx", "fp16", "none"), ("onnx", "fp32", "int8"), ("onnx", "fp32", "int4"),
-             ("coreml", "fp32", "none"), ("coreml", "fp16", "none"), ("coreml", "fp16", "int8"),
-             ("coreml", "fp16", "int4"), ("coreml", "fp16", "palettize4"))
+             ("onnx", "fp32", "int4-rtn"), ("coreml", "fp32", "none"), ("coreml", "fp16", "none"),
+             ("coreml", "fp16", "int8"), ("coreml", "fp16", "int4"), ("coreml", "fp16", "int4-rtn"),
+             ("coreml", "fp16", "palettize4"))
 
 
 def artifacts(ckpt: Checkpoint, ctx: int, tmp: Path) -> dict:
@@ -83,7 +84,8 @@ def precision_key(variant: str) -> str | None:
         return "bf16"
     if variant in ("fp32+fp16state", "coreml fp32 none"):
         return "fp32+fp16state"
-    return next((q for q in ("palettize4", "int8", "int4") if q in variant), "fp16" if "fp16" in variant else "fp32")
+    return next((q for q in ("palettize4", "int8", "int4-rtn", "int4") if q in variant),
+                "fp16" if "fp16" in variant else "fp32")
 
 
 def broken_limits(overall: dict, tol: Tolerances) -> list[str]:
@@ -106,7 +108,7 @@ def verdicts(rows: dict) -> None:
             print(f"  {name:<44} {key:<15} {'pass' if not bad else 'FAIL: ' + '; '.join(bad)}")
         else:
             caught = {p: bool(broken_limits(overall, tolerance_for_precision(p, arch)))
-                      for p in ("fp32", "fp16", "int8", "int4", "palettize4")}
+                      for p in ("fp32", "fp16", "int8", "int4", "int4-rtn", "palettize4")}
             print(f"  {name:<44} caught at: {', '.join(p for p, c in caught.items() if c) or 'none'}")
 
 
@@ -118,6 +120,8 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--eager-only", action="store_true", help="skip the real exports (quantized rows need them)")
     ap.add_argument("--archs", nargs="+", default=list(ARCH_MODULES))
+    ap.add_argument("--only", nargs="+", help="variants by name (e.g. 'onnx fp32 int4-rtn'); the BROKEN "
+                                               "controls always run, so the verdicts still show what is caught")
     a = ap.parse_args()
     rows = {}
     keys = ("max_abs", "rel_l2", "cosine", "max_kl", "mean_kl", "top1", "top5", "greedy_match", "state_rel_l2")
@@ -128,6 +132,7 @@ def main() -> int:
         ref = ReferenceRuntime(ckpt, max_context=256)
         ids = tokenize(list(DEFAULT_PROMPTS + EXTRA_PROMPTS), [ckpt.model_dir], ckpt.config.vocab_size, 200)
         todo = {**variants(ckpt, 256), **({} if a.eager_only else artifacts(ckpt, 256, tmp))}
+        todo = {n: f for n, f in todo.items() if not a.only or n.startswith("BROKEN") or n in a.only}
         for name, make in todo.items():
             art = make()
             if art is None:

@@ -112,7 +112,9 @@ def measure(arch: str, backends: list[str], variants: list[str], work: Path, cor
             continue
         n = CHUNKS if backend == "onnx" else coreml_chunks
         onnx_float = None
-        for variant in ("none", *[v for v in variants if v in OPTIONS[backend].QUANTIZE]):
+        # ONNX variants quantize its float export, so it always runs; Core ML's float row only when asked
+        base = ("none",) if backend == "onnx" and "none" not in variants else ()
+        for variant in (*base, *[v for v in variants if v in OPTIONS[backend].QUANTIZE]):
             out = work / f"{arch}-{backend}-{variant}"
             t0 = time.perf_counter()
             m = make(ckpt, backend, variant, out, cal, onnx_float)

@@ -70,6 +70,9 @@ def plan(program, kinds: dict[str, str]) -> tuple[dict[str, str], dict[str, dict
             entry = left[_reason(op)]
             entry["tensors"] += 1
             entry["params"] += int(val.size)
+            if val.ndim == 2:  # float 2-D weights count in bits per weight at their stored size
+                entry["params_2d"] = entry.get("params_2d", 0) + int(val.size)
+                entry["bits_2d"] = entry.get("bits_2d", 0) + int(val.size) * 8 * val.dtype.itemsize
             if len(entry["examples"]) < 3:
                 entry["examples"].append(op.name)
     return chosen, dict(left)
@@ -108,13 +111,15 @@ class CompressionPlan:
     names: list[str]
     info: dict
     shapes: dict = field(default_factory=dict)  # const name -> shape, for the bits-per-weight record
+    float_bits: dict = field(default_factory=dict)  # const name -> bits per element before compression
 
 
 def plan_compression(program, method: str, block_size: int, kinds: dict[str, str]) -> CompressionPlan:
     """Decide what to compress in `program` (a pymil Program) without touching any weight value."""
     chosen, left = plan(program, kinds)
-    shapes = {op.name: op.outputs[0].shape for fn in program.functions.values() for op in fn.operations
-              if op.name in chosen}
+    ops = {op.name: op for fn in program.functions.values() for op in fn.operations if op.name in chosen}
+    shapes = {n: op.outputs[0].shape for n, op in ops.items()}
+    float_bits = {n: 8 * op.outputs[0].val.dtype.itemsize for n, op in ops.items()}
     names, done = [], defaultdict(int)
     for name, kind in chosen.items():
         why = _fits(method, shapes[name], block_size)
@@ -122,6 +127,8 @@ def plan_compression(program, method: str, block_size: int, kinds: dict[str, str
             entry = left.setdefault(why, {"tensors": 0, "params": 0, "examples": []})
             entry["tensors"] += 1
             entry["params"] += int(np.prod(shapes[name]))
+            entry["params_2d"] = entry.get("params_2d", 0) + int(np.prod(shapes[name]))
+            entry["bits_2d"] = entry.get("bits_2d", 0) + int(np.prod(shapes[name])) * float_bits[name]
             entry["examples"] = (entry["examples"] + [name])[:3]
         else:
             names.append(name)
@@ -140,7 +147,7 @@ def plan_compression(program, method: str, block_size: int, kinds: dict[str, str
     if method == "palettize4":
         info["palettization"] = "kmeans (scikit-learn)" if kmeans_available() else "uniform (scikit-learn not installed)"
         info["group_size"] = PALETTE_GROUP
-    return CompressionPlan(method, names, info, {n: shapes[n] for n in names})
+    return CompressionPlan(method, names, info, {n: shapes[n] for n in names}, {n: float_bits[n] for n in names})
 
 
 def apply_compression(mlmodel, plan: CompressionPlan, block_size: int, kinds: dict[str, str] | None = None,
@@ -157,7 +164,7 @@ def apply_compression(mlmodel, plan: CompressionPlan, block_size: int, kinds: di
 
         choices = coreml_recipe.choices_for(plan.method, plan.names, kinds or {}, block_size, calibration)
         plan.info["tensors"] = _grouped(choices)
-        plan.info["bits_per_weight"] = _bits_per_weight(choices, plan.shapes)
+        plan.info.update(_bits_per_weight(choices, plan))
         return coreml_recipe.quantize(mlmodel, choices)
     config = op_config(plan.method, block_size)
     opt = cto.OptimizationConfig(op_name_configs={n: config for n in plan.names})
@@ -173,12 +180,25 @@ def _grouped(choices: dict) -> dict[str, list[str]]:
     return out
 
 
-def _bits_per_weight(choices: dict, shapes: dict) -> float | None:
-    """Stored bits over parameters of the compressed weights: uint codes, uint offset, float16 scale per block."""
+def _bits_per_weight(choices: dict, plan: CompressionPlan) -> dict:
+    """Stored bits over parameters, counted as the ONNX manifest counts: every 2-D weight (codes, uint offset
+    and float16 scale per block; float ones at their size; rotary tables out), and the linear/embedding weights
+    alone (llama.cpp's GGUF count: SSM parameters out)."""
     n = bits = 0
-    for name, (c, _) in choices.items():
-        shape = shapes[name]
+    for name, shape in plan.shapes.items():
         rows, k = int(shape[0]), int(shape[1])
         n += rows * k
-        bits += rows * (k // c.block) * (c.block * c.bits + c.bits + 16)
-    return round(bits / n, 3) if n else None
+        if name in choices:
+            c = choices[name][0]
+            bits += rows * (k // c.block) * (c.block * c.bits + c.bits + 16)
+        else:  # the recipe keeps it float (Mamba's dt_proj in int4-rtn)
+            bits += rows * k * plan.float_bits.get(name, 16)
+    left = plan.info["left_alone"]
+    other = [e for why, e in left.items() if not why.startswith("rotary")]
+    linear = [e for why, e in left.items() if why.startswith("input size")]  # linear weights the blocks don't fit
+    n2, b2 = sum(e.get("params_2d", 0) for e in other), sum(e.get("bits_2d", 0) for e in other)
+    n3, b3 = sum(e.get("params_2d", 0) for e in linear), sum(e.get("bits_2d", 0) for e in linear)
+    if not n:
+        return {"bits_per_weight": None}
+    return {"bits_per_weight": round((bits + b2) / (n + n2), 3),
+            "bits_per_linear_weight": round((bits + b3) / (n + n3), 3)}

@@ -193,10 +193,13 @@ def test_tolerances_follow_precision_and_quantization():
     assert precision_of(_manifest("fp32", "none", "float16")) == "fp32+fp16state"
     assert precision_of(_manifest("fp16", "none", "float16")) == "fp16"
     assert precision_of(_manifest("fp16", "int4", "float16")) == "int4"
-    for key in ("fp32", "fp16", "int8", "int4", "palettize4"):
+    assert precision_of(_manifest("fp16", "int4-mixed", "float16")) == "int4"
+    assert precision_of(_manifest("fp16", "int4-rtn", "float16")) == "int4-rtn"  # min/max: its own limits
+    for key in ("fp32", "fp16", "int8", "int4", "int4-rtn", "palettize4"):
         assert key in DEFAULTS and DEFAULTS[key].basis, f"{key} limits must say what they were measured on"
     fp32, fp16, int4 = (tolerance_for_precision(k) for k in ("fp32", "fp16", "int4"))
     assert fp32.max_abs < fp16.max_abs and fp16.mean_kl < int4.mean_kl and fp32.min_top1 >= int4.min_top1
+    assert int4.mean_kl <= tolerance_for_precision("int4-rtn").mean_kl  # the error-minimising default is held tighter
     vs_bf16 = tolerance_for(_manifest("fp32", "none", "float32"), "bfloat16")
     assert vs_bf16 == loosest(fp32, tolerance_for_precision("bf16"))
     with pytest.raises(PerchError, match="reference dtype"):

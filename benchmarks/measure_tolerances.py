@@ -59,12 +59,26 @@ ARTIFACTS = (("onnx", "fp32", "none"), ("onnx", "fp16", "none"), ("onnx", "fp32"
 
 def artifacts(ckpt: Checkpoint, ctx: int, tmp: Path) -> dict:
     """name -> factory exporting the fixture with the real exporter and opening it with its runtime."""
+    from unittest import mock
+
+    from perch.exporter import calibration
     from perch.exporter.export import export, options_for
+    from perch.exporter.quant_recipes import RECIPES
     from perch.runtimes import open_artifact
+
+    real, cache = calibration.calibration_for, {}
+
+    def shared(ck, options):  # one calibration per fixture: export() would rerun it for every artifact
+        if not getattr(RECIPES.get(options.quantize), "calibration", False):
+            return None
+        if "cal" not in cache:
+            cache["cal"] = real(ck, options)
+        return cache["cal"]
 
     def make(fmt, dtype, quant):
         out = tmp / f"{ckpt.arch}-{fmt}-{dtype}-{quant}"
-        export(ckpt, out, options_for(fmt, precision=dtype, quantize=quant, max_context=ctx))
+        with mock.patch("perch.exporter.calibration.calibration_for", shared):
+            export(ckpt, out, options_for(fmt, precision=dtype, quantize=quant, max_context=ctx))
         return open_artifact(out)
 
     return {f"{fmt} {dtype} {quant}": (lambda f=fmt, d=dtype, q=quant: make(f, d, q))

@@ -63,7 +63,7 @@ def perplexity_kld(bin_dir: Path, f32: Path, quant: Path, text: Path, work: Path
     common = ["-t", "1", "-c", str(ctx), "--chunks", str(chunks), "--kl-divergence-base", base]
     if not base.is_file():
         subprocess.run([tool, "-m", f32, "-f", text, *common], check=True, capture_output=True)
-    for _ in range(2):  # seen once in eight runs: a complete run whose captured log lacked the summary lines
+    for _ in range(2):  # seen in two of eight runs: a complete run whose captured log lacked the summary lines
         out = subprocess.run([tool, "-m", quant, "--kl-divergence", *common], check=True, capture_output=True)
         log = (out.stdout + out.stderr).decode(errors="replace")
         kld = re.search(r"Mean\s+KLD:\s+([-\d.e]+)", log)

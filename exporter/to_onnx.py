@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx_ir as ir
 import torch
 
-from perch.exporter import calibration, clients, onnx_fuse, onnx_quant, onnx_tie
+from perch.exporter import calibration, clients, onnx_fuse, onnx_logits, onnx_quant, onnx_tie
 from perch.archs import arch_module
 from perch.errors import PerchError
 from perch.exporter.options import OnnxOptions
@@ -133,6 +133,7 @@ def build_graph(ckpt, max_context: int, dtype: torch.dtype, frontend: str = "pas
 
     onnxscript.optimizer.optimize(model)  # folds only small constants (input size limit), never the weights
     onnx_fuse.apply(model)  # same math in kernels ORT runs faster on CPU (exporter/onnx_fuse.py)
+    onnx_logits.add_logits_to_keep(model)  # an optional input: a prefill's lm_head for its last positions only
     model.ir_version = IR_VERSION
     model.producer_name, model.producer_version = "perch", _perch_version()
     variant = "inplace" if frontend == "inplace" else "default"

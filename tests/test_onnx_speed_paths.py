@@ -135,3 +135,25 @@ def test_depthwise_conv_is_rewritten_and_exact(load_preset, tmp_path):
     for a, b in zip(outs[:2], outs[2:]):
         for x, y in zip(a, b):
             np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_logits_to_keep_is_optional_and_keeps_the_last_row(int4_export):
+    """A client that feeds nothing gets every position (it is not a required input); Perch's runtime asks
+    for the last one, in chunks too (Falcon-Mamba's prefill runs in chunks), and gets the same row."""
+    import onnxruntime as ort
+
+    from perch.spec import LOGITS_TO_KEEP
+
+    sess = ort.InferenceSession(str(int4_export / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert LOGITS_TO_KEEP not in [i.name for i in sess.get_inputs()]
+    assert LOGITS_TO_KEEP in [i.name for i in sess.get_overridable_initializers()]
+    rt = OnnxRuntime(int4_export, threads=1)
+    rt.prefill_chunk = 8  # 20 tokens: three chunks
+    ids = np.arange(1, 21).reshape(1, 20)
+    every = rt.prefill(ids)
+    after_every = rt.step(np.array([5]))
+    rt.reset(1)
+    last = rt.prefill(ids, last_only=True)
+    assert every.shape == (1, 20, 512) and last.shape == (1, 1, 512)
+    np.testing.assert_allclose(last[0, 0], every[0, -1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rt.step(np.array([5])), after_every, rtol=1e-5, atol=1e-5)  # same state after

@@ -40,7 +40,14 @@ STATE_HOLDS = {"key": "rotated keys at the K,V head count (batch, kv_heads, cont
                "value": "values at the K,V head count (batch, kv_heads, context, head_dim)",
                "conv": "the mixer's last conv_kernel inputs (batch, d_ssm + 2*groups*d_state, conv_kernel)",
                "ssm": "the Mamba-2 state per head (batch, heads, head_dim, d_state)"}
-TOLERANCES: dict[str, dict] = {}
+# int4 keeps the limits every architecture had before the 2026-12-02 re-derivation (Falcon's min/max
+# figures: rel_l2 0.064, max KL 7.9e-3): Falcon-H1's fixture was not in that measurement, and its Mamba-2
+# half carries weight error forward as Falcon-Mamba's does.
+TOLERANCES: dict[str, dict] = {
+    "int4": dict(rel_l2=0.25, min_cosine=0.98, max_kl=0.05, mean_kl=0.01, min_top1=0.85, min_top5=0.88,
+                 state_rel_l2=0.3, basis="Falcon fixture, int4 min/max (Falcon-H1 not re-measured): rel_l2 "
+                                         "0.064, max KL 7.9e-3, top-1 0.939"),
+}
 SCANS = ("loop", "chunked", "quadratic")
 EXPORT_SCANS = {"scan": "chunked", "logdepth": "quadratic"}
 ONNX_CHUNK = 64  # SSD chunk for the ONNX graph: decode pads one token to this, prefill costs T*chunk per head

@@ -29,16 +29,19 @@ FRONTENDS = ("past_present", "stateful")  # its states are fixed-size already: n
 STATE_HOLDS = {"conv": "the last conv_kernel inputs of the depthwise conv (batch, d_inner, conv_kernel)",
                "ssm": "the selective-scan state h (batch, d_inner, state_size)"}
 # `perch check` limits looser than the defaults. The SSM recurrence carries 4-bit weight error forward:
-# Falcon-Mamba's int4/palettize4 errors are 3-5x Falcon's. Measured (ONNX int4, Core ML int4 and palettize4,
-# eager sims): rel_l2 0.28, cosine 0.969, max KL 0.047, mean KL 9.9e-3, top-1 0.918, top-5 0.902, state
-# 0.144. broken (dropped write): rel_l2 0.43, max KL 0.097, state 1.0; only the state limit separates that
-# one cleanly at 4 bits.
+# Falcon-Mamba's int4/palettize4 errors are 3-5x Falcon's. int4 (GPTQ default), measured 2026-12-02
+# (benchmarks/measure_tolerances.py, perch check's prompts), worst of ONNX / Core ML: rel_l2 0.22, cosine
+# 0.979, max KL 0.024, mean KL 2.5e-3, top-1 0.963, top-5 0.948, state 0.062; broken (dropped write):
+# rel_l2 0.43, cosine 0.92, max KL 0.097, mean KL 0.011, state 1.0. int4-rtn: ONNX rel_l2 0.17, max KL 0.025,
+# mean KL 4.9e-3, top-1 0.922, state 0.11; the earlier min/max runs (ONNX, Core ML, palettize4, eager): rel_l2
+# 0.28, cosine 0.969, max KL 0.047, mean KL 9.9e-3, top-1 0.918, top-5 0.902, state 0.144.
 TOLERANCES = {
-    "int4": dict(rel_l2=0.45, min_cosine=0.95, max_kl=0.1, mean_kl=0.02, min_top1=0.85, min_top5=0.85,
-                 state_rel_l2=0.3, basis="Falcon-Mamba fixture, int4: rel_l2 0.21, max KL 0.04, top-1 0.922"),
+    "int4": dict(rel_l2=0.35, min_cosine=0.95, max_kl=0.06, mean_kl=7.5e-3, min_top1=0.9, min_top5=0.88,
+                 state_rel_l2=0.2, basis="Falcon-Mamba fixture, int4 (GPTQ): rel_l2 0.22, max KL 0.024, "
+                                         "mean KL 2.5e-3, top-1 0.963"),
     "int4-rtn": dict(rel_l2=0.45, min_cosine=0.95, max_kl=0.1, mean_kl=0.02, min_top1=0.85, min_top5=0.85,
-                     state_rel_l2=0.3, basis="Falcon-Mamba fixture, int4 min/max: rel_l2 0.21, max KL 0.04, "
-                                             "top-1 0.922"),
+                     state_rel_l2=0.3, basis="Falcon-Mamba fixture, int4 min/max: rel_l2 0.28, max KL 0.047, "
+                                             "top-1 0.918"),
     "palettize4": dict(rel_l2=0.5, min_cosine=0.93, max_kl=0.12, mean_kl=0.025, min_top1=0.8, min_top5=0.8,
                        state_rel_l2=0.35, basis="Falcon-Mamba fixture, palettize4: rel_l2 0.28, max KL 0.047, "
                                                 "top-1 0.918"),

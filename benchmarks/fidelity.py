@@ -5,8 +5,8 @@ over held-out text (teacher-forced), the perplexity change on that text, and the
 a prompt. Random weights give flat logits, so their numbers say little about a quantizer; the trained
 fixtures (perch.dev.fixtures) show what a real model would see.
 
-Usage: OMP_NUM_THREADS=1 python benchmarks/fidelity.py [--tokens 128] [--json benchmarks/results/fidelity.json]
-(trains the two fixtures on first use, ~3 CPU-minutes each).
+Usage: OMP_NUM_THREADS=1 python benchmarks/fidelity.py [--tokens 128] [--arch falcon_h1] [--json PATH]
+(trains the fixtures on first use, ~3 CPU-minutes each; --arch, repeatable, measures a subset).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 from perch.exporter.export import export, options_for  # noqa: E402
-from perch.dev.fixtures import fixture_dir  # noqa: E402
+from perch.dev.fixtures import FIXTURE_CONFIGS, fixture_dir  # noqa: E402
 from perch.loading import load_checkpoint  # noqa: E402
 from perch.dev.tokenizer import split_corpus  # noqa: E402
 from perch.runtimes import open_artifact  # noqa: E402
@@ -34,6 +34,7 @@ CASES = [("onnx", "fp32", "none"), ("onnx", "fp16", "none"), ("onnx", "fp32", "i
          ("coreml", "fp16", "none"), ("coreml", "fp16", "int8"), ("coreml", "fp16", "int4"),
          ("coreml", "fp16", "palettize4")]
 PROMPT = "The import statement is used to"
+ARCHS = tuple(FIXTURE_CONFIGS)  # every architecture with a trained fixture
 
 
 def random_twin(trained: Path, out: Path) -> Path:
@@ -93,10 +94,11 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=128, help="held-out tokens scored per artifact")
     ap.add_argument("--greedy", type=int, default=16)
     ap.add_argument("--json", default="benchmarks/results/fidelity.json")
+    ap.add_argument("--arch", action="append", choices=ARCHS, help="only these architectures (default: all)")
     a = ap.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for arch in ("falcon", "falcon_mamba"):
+        for arch in a.arch or ARCHS:
             trained = fixture_dir(arch)
             from transformers import AutoTokenizer
 

@@ -8,6 +8,7 @@ benchmarks/results/.
 
     python benchmarks/onnx_cpu.py                                   # falcon-mid, 2 threads
     python benchmarks/onnx_cpu.py --preset falcon-mamba-mid --threads 2
+    python benchmarks/onnx_cpu.py --preset falcon-mid,falcon-mamba-mid,falcon-h1-mid --threads 1  # one run
 """
 from __future__ import annotations
 
@@ -119,7 +120,8 @@ def table(rows: dict[str, dict]) -> str:
 
 def parse(argv: list[str] | None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="falcon-mid")
+    ap.add_argument("--preset", default="falcon-mid",
+                    help="preset, or a comma list measured one after another in this run (ratios between them)")
     ap.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads")
     ap.add_argument("--prompt", type=int, default=128, help="prefill length")
     ap.add_argument("--steps", type=int, default=32, help="decode steps timed")
@@ -146,10 +148,17 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child_run(args.preset, args.only[0], Path(args.work), args.threads, args.prompt,
                                    args.steps, args.repeats)))
         return 0
+    status = 0
+    for preset in args.preset.split(","):
+        status |= bench_preset(argparse.Namespace(**{**vars(args), "preset": preset, "only": list(args.only)}))
+    return status
+
+
+def bench_preset(args) -> int:
     from perch.dev.presets import get, preset_dir
 
     if get(args.preset).arch != "falcon" and "onnx-int4-inplace" in args.only:
-        args.only.remove("onnx-int4-inplace")  # Falcon-Mamba's state is fixed-size: no separate variant
+        args.only.remove("onnx-int4-inplace")  # the in-place variant is Falcon's K,V-only GQA cache
     preset_dir(args.preset)  # materialise once, outside the timed children
     work = Path(tempfile.mkdtemp(prefix="perch-onnx-bench-"))
     rows: dict[str, dict] = {}

@@ -44,7 +44,7 @@ STATE_HOLDS = {"key": "rotated keys at the K,V head count (batch, kv_heads, cont
 TOLERANCES: dict[str, dict] = {}
 SCANS = ("loop", "chunked", "quadratic")
 EXPORT_SCANS = {"scan": "chunked", "logdepth": "quadratic"}
-ONNX_CHUNK = 64  # SSD chunk for the ONNX graph: decode pads one token to this, prefill costs T*chunk per head
+ONNX_CHUNK = 32  # SSD chunk for the ONNX graph (plus one padding chunk): decode pads one token to 2x this
 # Core ML fp16 compute keeps these modules' ops fp32: both square their input (fp16 overflows above 256);
 # the trained fixture's residual reached 338 (perch.exporter.to_coreml.compute_precision).
 FP32_MODULES = ("RMSNorm", "GatedNorm")

@@ -35,8 +35,10 @@ def scan_ssd(x, dt, a, b, c, h0, chunk: int | None):
     if chunk is None:  # one chunk: no padding, nothing shape-dependent for a trace to freeze
         xs, dts, bs, cs = (v.unsqueeze(1) for v in (x, dt, b, c))
     else:
-        pad = (chunk - t % chunk) % chunk
-        xs, dts, bs, cs = (_pad_time(v, pad).unflatten(1, (-1, chunk)) for v in (x, dt, b, c))
+        # One all-padding chunk more than needed: the trace's 3-token sample would otherwise have one chunk,
+        # and torch.export fixes a size-1 axis at 1 (every prompt over `chunk` tokens then failed in ORT).
+        n_chunks = (t + chunk - 1) // chunk + 1
+        xs, dts, bs, cs = (_pad_time(v, n_chunks * chunk - t).unflatten(1, (n_chunks, chunk)) for v in (x, dt, b, c))
     la = dts * a  # (B, C, L, H) log-decay per step
     cum = torch.cumsum(la, dim=2)
     xdt = xs * dts[..., None]  # (B, C, L, H, P)

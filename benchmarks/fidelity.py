@@ -5,8 +5,8 @@ over held-out text (teacher-forced), the perplexity change on that text, and the
 a prompt. Random weights give flat logits, so their numbers say little about a quantizer; the trained
 fixtures (perch.dev.fixtures) show what a real model would see.
 
-Usage: OMP_NUM_THREADS=1 python benchmarks/fidelity.py [--tokens 128] [--json benchmarks/results/fidelity.json]
-(trains the two fixtures on first use, ~3 CPU-minutes each).
+Usage: OMP_NUM_THREADS=1 python benchmarks/fidelity.py [--tokens 128] [--arch falcon_h1] [--json PATH]
+(trains the fixtures on first use, ~3 CPU-minutes each; --arch, repeatable, measures a subset).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 from perch.exporter.export import export, options_for  # noqa: E402
-from perch.dev.fixtures import fixture_dir  # noqa: E402
+from perch.dev.fixtures import FIXTURE_CONFIGS, fixture_dir  # noqa: E402
 from perch.loading import load_checkpoint  # noqa: E402
 from perch.dev.tokenizer import split_corpus  # noqa: E402
 from perch.runtimes import open_artifact  # noqa: E402
@@ -34,6 +34,7 @@ CASES = [("onnx", "fp32", "none"), ("onnx", "fp16", "none"), ("onnx", "fp32", "i
          ("coreml", "fp16", "none"), ("coreml", "fp16", "int8"), ("coreml", "fp16", "int4"),
          ("coreml", "fp16", "palettize4")]
 PROMPT = "The import statement is used to"
+ARCHS = tuple(FIXTURE_CONFIGS)  # every architecture with a trained fixture
 
 
 def random_twin(trained: Path, out: Path) -> Path:
@@ -67,12 +68,13 @@ def greedy(rt, prompt: np.ndarray, n: int) -> list[int]:
     return out
 
 
-def measure(model_dir: Path, heldout: np.ndarray, prompt: np.ndarray, work: Path, n_greedy: int) -> list[dict]:
+def measure(model_dir: Path, heldout: np.ndarray, prompt: np.ndarray, work: Path, n_greedy: int,
+            cases: list[tuple[str, str, str]] = CASES) -> list[dict]:
     ckpt = load_checkpoint(model_dir)
     ref = ReferenceRuntime(ckpt)
     ref_logits, ref_greedy = teacher_forced(ref, heldout), greedy(ref, prompt, n_greedy)
     ref_ppl, rows = perplexity(ref_logits, heldout), []
-    for backend, dtype, quant in CASES:
+    for backend, dtype, quant in cases:
         out = work / f"{backend}-{dtype}-{quant}"
         t0 = time.perf_counter()
         export(ckpt, out, options_for(backend, precision=dtype, quantize=quant, max_context=256))
@@ -93,18 +95,23 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=128, help="held-out tokens scored per artifact")
     ap.add_argument("--greedy", type=int, default=16)
     ap.add_argument("--json", default="benchmarks/results/fidelity.json")
+    ap.add_argument("--arch", action="append", choices=ARCHS, help="only these architectures (default: all)")
+    ap.add_argument("--weights", action="append", choices=("trained", "random"), help="default: both")
+    ap.add_argument("--cases", help="comma list of backend-precision-quantize, e.g. onnx-fp32-int8 (default: all)")
     a = ap.parse_args()
+    cases = [c for c in CASES if not a.cases or "-".join(c) in a.cases.split(",")]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for arch in ("falcon", "falcon_mamba"):
+        for arch in a.arch or ARCHS:
             trained = fixture_dir(arch)
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(trained)
             heldout = np.array([tok.encode(split_corpus()[1])[: a.tokens]])
             prompt = np.array([tok.encode(PROMPT)])
-            for weights, d in (("trained", trained), ("random", random_twin(trained, Path(tmp) / f"{arch}-random"))):
-                for row in measure(d, heldout, prompt, Path(tmp) / f"{arch}-{weights}", a.greedy):
+            for weights in a.weights or ("trained", "random"):
+                d = trained if weights == "trained" else random_twin(trained, Path(tmp) / f"{arch}-random")
+                for row in measure(d, heldout, prompt, Path(tmp) / f"{arch}-{weights}", a.greedy, cases):
                     results.append({"arch": arch, "weights": weights, **row})
                     print_row(results[-1])
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
@@ -127,13 +134,11 @@ def print_table(results: list[dict]) -> None:
     print("|" + "---|" * 11)
     keyed = {(r["arch"], r["backend"], r["precision"], r["quantize"], r["weights"]): r for r in results}
     for arch, backend, prec, quant in dict.fromkeys((r["arch"], r["backend"], r["precision"], r["quantize"]) for r in results):
-        t, r = keyed.get((arch, backend, prec, quant, "trained")), keyed.get((arch, backend, prec, quant, "random"))
-        if not (t and r):
-            continue
+        pair = [keyed.get((arch, backend, prec, quant, w)) for w in ("trained", "random")]
         name = prec if quant == "none" else f"{quant} ({prec})"
-        print(f"| {arch} | {backend} | {name} | {t['kl_mean']:.2e} | {r['kl_mean']:.2e} | {t['top1']:.3f} | "
-              f"{r['top1']:.3f} | {t['ppl_change_pct']:+.2f}% | {r['ppl_change_pct']:+.2f}% | "
-              f"{t['greedy_match']}/{t['greedy_of']} | {r['greedy_match']}/{r['greedy_of']} |")
+        cells = [[f"{x['kl_mean']:.2e}", f"{x['top1']:.3f}", f"{x['ppl_change_pct']:+.2f}%",
+                  f"{x['greedy_match']}/{x['greedy_of']}"] if x else ["–"] * 4 for x in pair]  # a subset run
+        print(f"| {arch} | {backend} | {name} | " + " | ".join(c for k in range(4) for c in (cells[0][k], cells[1][k])) + " |")
 
 
 if __name__ == "__main__":

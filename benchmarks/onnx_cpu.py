@@ -8,6 +8,7 @@ benchmarks/results/.
 
     python benchmarks/onnx_cpu.py                                   # falcon-mid, 2 threads
     python benchmarks/onnx_cpu.py --preset falcon-mamba-mid --threads 2
+    python benchmarks/onnx_cpu.py --preset falcon-mid,falcon-mamba-mid,falcon-h1-mid --threads 1  # one run
 """
 from __future__ import annotations
 
@@ -44,14 +45,17 @@ def _peak_mb() -> int:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
 
 
-def child_export(preset: str, name: str, max_context: int, work: Path) -> dict:
+def child_export(preset: str, name: str, max_context: int, work: Path, int4: str = "int4") -> dict:
     from perch.exporter.export import export, options_for
     from perch.loading import load_checkpoint
     from perch.dev.presets import preset_dir
 
     t0 = time.perf_counter()
     ckpt = load_checkpoint(preset_dir(preset), dtype=None)  # stored dtype, memory-mapped: no extra copy
-    manifest = export(ckpt, work / name, options_for("onnx", max_context=max_context, **EXPORTS[name]))
+    fields = dict(EXPORTS[name])
+    if fields.get("quantize") == "int4":
+        fields["quantize"] = int4
+    manifest = export(ckpt, work / name, options_for("onnx", max_context=max_context, **fields))
     return {"export_s": round(time.perf_counter() - t0, 2), "export_peak_rss_mb": _peak_mb(),
             "model_mb": round(manifest.model_bytes / 2**20, 1), "variant": manifest.variant}
 
@@ -91,7 +95,7 @@ def child_run(preset: str, name: str, work: Path, threads: int, prompt: int, ste
 def run_child(args, mode: str, name: str, work: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--only", name, "--work", str(work), "--preset", args.preset,
            "--threads", str(args.threads), "--prompt", str(args.prompt), "--steps", str(args.steps),
-           "--repeats", str(args.repeats), "--max-context", str(args.max_context)]
+           "--repeats", str(args.repeats), "--max-context", str(args.max_context), "--int4", args.int4]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env, cwd=ROOT)
@@ -119,12 +123,15 @@ def table(rows: dict[str, dict]) -> str:
 
 def parse(argv: list[str] | None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="falcon-mid")
+    ap.add_argument("--preset", default="falcon-mid",
+                    help="preset, or a comma list measured one after another in this run (ratios between them)")
     ap.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads")
     ap.add_argument("--prompt", type=int, default=128, help="prefill length")
     ap.add_argument("--steps", type=int, default=32, help="decode steps timed")
     ap.add_argument("--repeats", type=int, default=3, help="prefill repeats (after one warm-up)")
     ap.add_argument("--max-context", type=int, default=512)
+    ap.add_argument("--int4", default="int4", help="the onnx-int4 recipe: int4-search has int4's layout (same "
+                    "decode work) without GPTQ's calibration pass, which takes minutes on a mid model")
     ap.add_argument("--only", default=",".join(RUNS), help=f"comma list of {', '.join(RUNS)}")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per child")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/onnx_cpu-PRESET.json)")
@@ -140,16 +147,23 @@ def parse(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.child == "export":
-        print(json.dumps(child_export(args.preset, args.only[0], args.max_context, Path(args.work))))
+        print(json.dumps(child_export(args.preset, args.only[0], args.max_context, Path(args.work), args.int4)))
         return 0
     if args.child == "run":
         print(json.dumps(child_run(args.preset, args.only[0], Path(args.work), args.threads, args.prompt,
                                    args.steps, args.repeats)))
         return 0
+    status = 0
+    for preset in args.preset.split(","):
+        status |= bench_preset(argparse.Namespace(**{**vars(args), "preset": preset, "only": list(args.only)}))
+    return status
+
+
+def bench_preset(args) -> int:
     from perch.dev.presets import get, preset_dir
 
     if get(args.preset).arch != "falcon" and "onnx-int4-inplace" in args.only:
-        args.only.remove("onnx-int4-inplace")  # Falcon-Mamba's state is fixed-size: no separate variant
+        args.only.remove("onnx-int4-inplace")  # the in-place variant is Falcon's K,V-only GQA cache
     preset_dir(args.preset)  # materialise once, outside the timed children
     work = Path(tempfile.mkdtemp(prefix="perch-onnx-bench-"))
     rows: dict[str, dict] = {}
@@ -173,7 +187,7 @@ def report(args, rows: dict[str, dict]) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "threads": args.threads,
-            "prompt": args.prompt, "steps": args.steps, "max_context": args.max_context,
+            "prompt": args.prompt, "steps": args.steps, "max_context": args.max_context, "int4": args.int4,
             "date": time.strftime("%Y-%m-%d"), "command": " ".join([Path(sys.executable).name, *sys.argv])}
     out.write_text(json.dumps({"meta": meta, "preset": args.preset, "results": rows}, indent=2) + "\n")
     print(f"\n{args.preset}, batch 1, prompt {args.prompt}, {args.steps} decode steps, {args.threads} threads\n")

@@ -158,12 +158,35 @@ def convert_function(traced, module: nn.Module, io: ModelIO, state_names: list[s
         outputs=[ct.TensorType(name=NAMES[t.name], dtype=np.float16 if fp16 else np.float32) for t in io.outputs],
         states=coreml_states(module, state_names),
         minimum_deployment_target=ct_target,
-        compute_precision=ct.precision.FLOAT16 if fp16 else ct.precision.FLOAT32,
+        compute_precision=compute_precision(fp16, getattr(arch_module(io.arch), "FP32_MODULES", ())),
         convert_to="mlprogram",
         skip_model_load=True,  # loading compiles with the Core ML framework: macOS only, and slow
     )
     check_state_writes(model._mil_program, state_names)
     return model
+
+
+def compute_precision(fp16: bool, fp32_modules: tuple[str, ...] = ()):
+    """coremltools' compute precision: fp32, or fp16 except the ops traced inside the module classes an
+    architecture names in its optional `FP32_MODULES` (casts at their edges).
+
+    Why: an RMS norm squares its input, and x^2 leaves fp16 above |x| = 256 (a trained Falcon-H1's residual
+    reached 338 at a decode step: inf, then NaN logits); LLM exports keep such norms fp32 for that reason.
+    """
+    import coremltools as ct
+
+    if not fp16:
+        return ct.precision.FLOAT32
+    if not fp32_modules:
+        return ct.precision.FLOAT16
+    from coremltools.converters.mil.mil.scope import ScopeSource
+
+    keep = set(fp32_modules)
+
+    def to_fp16(op) -> bool:
+        return not keep.intersection(op.scopes.get(ScopeSource.TORCHSCRIPT_MODULE_TYPE, ()))
+
+    return ct.transform.FP16ComputePrecision(op_selector=to_fp16)
 
 
 def state_writes(program) -> dict[str, int]:

@@ -228,6 +228,47 @@ def test_state_written_through_view_is_caught(via_view, tmp_path):
         to_coreml.check_state_writes(model._mil_program, ["cache"])
 
 
+class _Squares(nn.Module):
+    """An RMS norm (it squares its input) after a linear layer: fp16 overflows once |x| > 256."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        with torch.no_grad():  # identity: the input's magnitude reaches the square
+            self.proj.weight.copy_(torch.eye(4))
+            self.proj.bias.zero_()
+
+    def forward(self, x):
+        y = self.proj(x)
+        return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.sq = _Squares()
+
+    def forward(self, x):
+        return self.sq(x) * 2
+
+
+@pytest.mark.parametrize("fp32_modules", [(), ("_Squares",)])
+def test_fp16_compute_keeps_named_modules_fp32(fp32_modules, tmp_path):
+    traced = torch.jit.trace(_Net().eval(), (torch.zeros(1, 4),))
+    model = ct.convert(traced, inputs=[ct.TensorType(name="x", shape=(1, 4), dtype=np.float32)],
+                       minimum_deployment_target=ct.target.iOS18, skip_model_load=True,
+                       compute_precision=to_coreml.compute_precision(True, fp32_modules))
+    model.save(str(tmp_path / "m.mlpackage"))
+    ex = MilExecutor(tmp_path / "m.mlpackage")
+    out = next(iter(ex.predict({"x": np.full((1, 4), 400.0, np.float32)}).values()))
+    dtypes = {op.op_type: op.outputs[0].dtype for op in model._mil_program.functions["main"].operations}
+    fp32 = ct.converters.mil.mil.types.fp32
+    if fp32_modules:  # the norm's square stays fp32; the op outside the named module is still fp16
+        assert dtypes["pow"] == fp32 and dtypes["mul"] != fp32 and np.allclose(out, 2.0)
+    else:  # the trap itself: 400^2 is inf in fp16, rsqrt(inf) = 0, and the normed output is lost
+        assert dtypes["pow"] != fp32 and not out.any()
+
+
 # ---- compression -----------------------------------------------------------------------------------
 
 

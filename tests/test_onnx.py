@@ -138,6 +138,24 @@ def test_fp32_matches_reference(artifacts, reference, name, batch):
     assert same_tokens
 
 
+# Above MAX_CONTEXT (its own export) and above several SSD chunks: Falcon-H1's graph once fixed its chunk
+# axis at the trace sample's one chunk, and failed on every prompt longer than a chunk.
+LONG_PREFILL = 100
+
+
+@pytest.mark.parametrize("name", TINY_PRESETS)
+def test_long_prefill_then_step_matches_reference(tmp_path, load_preset, name):
+    ckpt = load_preset(name)
+    export(ckpt, tmp_path / "a", options_for("onnx", max_context=2 * LONG_PREFILL))
+    ids = np.random.default_rng(0).integers(1, ckpt.config.vocab_size, (1, LONG_PREFILL + 1))
+    got, ref = OnnxRuntime(tmp_path / "a", threads=1), ReferenceRuntime(ckpt)
+    for rt in (got, ref):
+        rt.reset(1)
+    a = [got.prefill(ids[:, :-1])[:, -1], got.step(ids[:, -1])]
+    b = [ref.prefill(ids[:, :-1])[:, -1], ref.step(ids[:, -1])]
+    assert max(float(np.abs(x - y).max()) for x, y in zip(a, b)) <= FP32_TOL
+
+
 @pytest.mark.parametrize("name", ["falcon-tiny", "falcon40b-tiny"])
 def test_inplace_variant_matches_reference(artifacts, reference, name):
     path = artifacts(name, "inplace")

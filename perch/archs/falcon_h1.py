@@ -7,7 +7,7 @@ head, attention in/out, key, SSM in/out, the five per-segment `ssm_multipliers` 
 projection, MLP gate/down) are applied where transformers applies them. Every call continues from the
 stored state, so a prompt can be fed in any number of chunks.
 
-The Mamba-2 scan (a scalar decay per head) has three forms:
+The Mamba-2 scan (a scalar decay per head; perch/archs/mamba2.py) has three forms:
 - "loop": sequential, the plain definition (eager reference);
 - "chunked": the state-space-dual (SSD) form: quadratic inside chunks of ONNX_CHUNK tokens, a decay product
   across chunks; no data-dependent loop and a dynamic length (torch.export -> ONNX);
@@ -26,6 +26,7 @@ from perch.archs.falcon import rotary_tables, rotate_half, rope_theta
 from perch.archs.masks import MASK_MIN, additive_mask
 from perch.archs.falcon_mamba import a_log_to_a
 from perch.archs.layers import RMSNorm
+from perch.archs.mamba2 import GatedNorm, scan_loop, scan_ssd
 from perch.spec import ModelIO, StateSpec, TensorSpec
 
 NAME = "falcon_h1"
@@ -50,7 +51,10 @@ TOLERANCES: dict[str, dict] = {
 }
 SCANS = ("loop", "chunked", "quadratic")
 EXPORT_SCANS = {"scan": "chunked", "logdepth": "quadratic"}
-ONNX_CHUNK = 64  # SSD chunk for the ONNX graph: decode pads one token to this, prefill costs T*chunk per head
+ONNX_CHUNK = 32  # SSD chunk for the ONNX graph (plus one padding chunk): decode pads one token to 2x this
+# Core ML fp16 compute keeps these modules' ops fp32: both square their input (fp16 overflows above 256);
+# the trained fixture's residual reached 338 (perch.exporter.to_coreml.compute_precision).
+FP32_MODULES = ("RMSNorm", "GatedNorm")
 
 
 def _unsupported(what: str):
@@ -103,73 +107,7 @@ def mup_vector(config) -> torch.Tensor:
     return torch.cat([torch.full((n,), float(m), device="cpu") for n, m in zip(sizes, config.ssm_multipliers)])
 
 
-# ------------------------------------------------------------------------------------------- the scans
-def scan_loop(x, dt, a, b, c, h0):
-    """h_t = exp(dt_t a) h_{t-1} + dt_t x_t b_t^T; y_t = h_t c_t. x (B,T,H,P); dt (B,T,H); a (H,);
-    b, c (B,T,H,N); h0 (B,H,P,N) -> y (B,T,H,P), h_T."""
-    ys, h = [], h0
-    for t in range(x.shape[1]):
-        da = torch.exp(dt[:, t] * a)[:, :, None, None]  # (B, H, 1, 1)
-        h = da * h + (dt[:, t, :, None] * x[:, t])[..., None] * b[:, t, :, None, :]
-        ys.append((h * c[:, t, :, None, :]).sum(-1))
-    return torch.stack(ys, dim=1), h
-
-
-def _pad_time(t: torch.Tensor, pad) -> torch.Tensor:
-    return F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad))
-
-
-def scan_ssd(x, dt, a, b, c, h0, chunk: int | None):
-    """The same recurrence in the state-space-dual form (Mamba-2 paper, transformers' torch path), in fp32.
-
-    Padded steps have dt=0: decay 1 and no input, so the state passes through them unchanged.
-    """
-    bsz, t, h, p = x.shape
-    if chunk is None:  # one chunk: no padding, nothing shape-dependent for a trace to freeze
-        xs, dts, bs, cs = (v.unsqueeze(1) for v in (x, dt, b, c))
-    else:
-        pad = (chunk - t % chunk) % chunk
-        xs, dts, bs, cs = (_pad_time(v, pad).unflatten(1, (-1, chunk)) for v in (x, dt, b, c))
-    la = dts * a  # (B, C, L, H) log-decay per step
-    cum = torch.cumsum(la, dim=2)
-    xdt = xs * dts[..., None]  # (B, C, L, H, P)
-    seg = cum.unsqueeze(3) - cum.unsqueeze(2)  # (B, C, L(out), S(in), H): log-decay from s to l
-    n = seg.shape[2]
-    causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()[None, None, :, :, None]
-    decay = torch.exp(torch.where(causal, seg, MASK_MIN))
-    scores = torch.einsum("bclhn,bcshn->bclsh", cs, bs) * decay
-    y = torch.einsum("bclsh,bcshp->bclhp", scores, xdt)
-    # Each chunk's own contribution to the state at its end, then the state at every chunk start.
-    to_end = torch.exp(cum[:, :, -1:] - cum)  # (B, C, L, H)
-    chunk_states = torch.einsum("bclhn,bclhp->bchpn", bs * to_end[..., None], xdt)
-    totals = F.pad(cum[:, :, -1], (0, 0, 1, 0))  # (B, C+1, H): 0, then each chunk's total log-decay
-    ctot = torch.cumsum(totals, dim=1)
-    m = ctot.shape[1]
-    tri = torch.ones(m, m, dtype=torch.bool, device=x.device).tril()[None, :, :, None]
-    inter = torch.exp(torch.where(tri, ctot.unsqueeze(2) - ctot.unsqueeze(1), MASK_MIN))  # (B, out, in, H)
-    states = torch.cat([h0.unsqueeze(1), chunk_states], dim=1)  # (B, C+1, H, P, N)
-    starts = torch.einsum("bozh,bzhpn->bohpn", inter, states)
-    y = y + torch.einsum("bclhn,bchpn->bclhp", cs, starts[:, :-1]) * torch.exp(cum)[..., None]
-    return y.flatten(1, 2)[:, :t], starts[:, -1]
-
-
 # ------------------------------------------------------------------------------------------- modules
-class GatedNorm(nn.Module):
-    """The mixer's grouped RMS norm with a SiLU gate before or after it (FalconH1RMSNormGated), in fp32."""
-
-    def __init__(self, size: int, eps: float, groups: int, norm_before_gate: bool):
-        super().__init__()
-        self.weight, self.eps, self.groups, self.before = nn.Parameter(torch.ones(size)), eps, groups, norm_before_gate
-
-    def forward(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        g = F.silu(gate.float())
-        y = y.float() if self.before else y.float() * g
-        yg = y.unflatten(-1, (self.groups, -1))
-        yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + self.eps)
-        y = (self.weight.float().unflatten(-1, (self.groups, -1)) * yg).flatten(-2)
-        return y * g if self.before else y
-
-
 class Mixer(nn.Module):
     def __init__(self, config):
         super().__init__()

@@ -182,3 +182,36 @@ def _bits_per_weight(choices: dict, shapes: dict) -> float | None:
         n += rows * k
         bits += rows * (k // c.block) * (c.block * c.bits + c.bits + 16)
     return round(bits / n, 3) if n else None
+
+
+def merge_info(infos: list[dict]) -> dict:
+    """One manifest record for a model compressed piece by piece (exporter/coreml_pieces.py): counts summed,
+    reasons merged, bits per weight weighted by each piece's compressed parameters."""
+    out = {k: v for k, v in infos[0].items() if k not in ("compressed", "left_alone", "tensors", "bits_per_weight")}
+    done = {"tensors": 0, "params": 0, "by_kind": defaultdict(int)}
+    left: dict[str, dict] = {}
+    tensors: dict[str, list] = {}
+    bits = weight = 0.0
+    for info in infos:
+        c = info["compressed"]
+        done["tensors"] += c["tensors"]
+        done["params"] += c["params"]
+        for kind, n in c["by_kind"].items():
+            done["by_kind"][kind] += n
+        for why, e in info["left_alone"].items():
+            entry = left.setdefault(why, {"tensors": 0, "params": 0, "examples": []})
+            entry["tensors"] += e["tensors"]
+            entry["params"] += e["params"]
+            entry["examples"] = (entry["examples"] + e["examples"])[:3]
+        for group, names in (info.get("tensors") or {}).items():
+            tensors.setdefault(group, []).extend(names)
+        if info.get("bits_per_weight"):
+            bits += info["bits_per_weight"] * c["params"]
+            weight += c["params"]
+    out["compressed"] = {**done, "by_kind": dict(done["by_kind"])}
+    out["left_alone"] = left
+    if tensors:
+        out["tensors"] = tensors
+    if weight:
+        out["bits_per_weight"] = round(bits / weight, 3)
+    return out

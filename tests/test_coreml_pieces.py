@@ -139,3 +139,21 @@ def test_streamed_preset_writer_matches_the_model_layout(tmp_path):
         model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"], (name, info)
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+@pytest.mark.parametrize("quantize", ["none", "int4"])
+def test_lazy_weights_give_the_same_numbers(quantize, tmp_path, load_preset):
+    """The executor's large-model mode (weights dequantized and upcast per use, freed after their last use)
+    computes exactly what the load-time folding does."""
+    _export(load_preset("falcon-tiny"), tmp_path / "a", True, precision="fp16", quantize=quantize)
+    program = MilProgram.load(tmp_path / "a" / "model.mlpackage")
+    outs = []
+    for lazy in (False, True):
+        ex = MilExecutor(program, lazy_weights=lazy)
+        state = ex.make_state()
+        outs.append([ex.predict(_feeds(program, np.array([[1, 2, 3]]), 3), state)["logits"],
+                     ex.predict(_feeds(program, np.array([[4]]), 4), state)["logits"], state])
+    for a, b in zip(outs[0][:2], outs[1][:2]):
+        np.testing.assert_array_equal(a, b)
+    for name in outs[0][2]:
+        np.testing.assert_array_equal(outs[0][2][name], outs[1][2][name])

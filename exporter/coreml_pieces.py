@@ -21,6 +21,8 @@ from torch import nn
 
 from perch.archs.pieces import PIECES, Carry, Piece
 from perch.errors import PerchError
+from perch.exporter import coreml_trace as tc
+from perch.exporter.coreml_compress import apply_compression, merge_info, plan_compression
 from perch.exporter.options import CoreMLOptions
 from perch.spec import ModelIO
 
@@ -75,7 +77,6 @@ def piece_types(piece: Piece, carries: dict[str, Carry], io: ModelIO, options: C
     carries in the compute dtype (fp16 carries need no casts, so the joined program equals the one-piece)."""
     import coremltools as ct
 
-    from perch.exporter import coreml_trace as tc
 
     fp16 = options.precision == "fp16"
     cdtype, tdtype = (np.float16, torch.float16) if fp16 else (np.float32, torch.float32)
@@ -101,7 +102,6 @@ def convert_piece(piece: Piece, carries: dict[str, Carry], io: ModelIO, options:
     """One piece -> an MLModel (weights saved in its own temporary package)."""
     import coremltools as ct
 
-    from perch.exporter import coreml_trace as tc
 
     inputs, outputs, examples = piece_types(piece, carries, io, options, max_context)
     tc._patch_frontend()
@@ -121,9 +121,6 @@ def convert_piece(piece: Piece, carries: dict[str, Carry], io: ModelIO, options:
 def convert_pieces(ckpt, io: ModelIO, options: CoreMLOptions, max_context: int, work: Path, cal=None,
                    progress=None):
     """Convert and compress every piece into `work`; returns ([(piece, package path)], merged quantization info)."""
-    from perch.exporter import coreml_trace as tc
-    from perch.exporter.coreml_compress import apply_compression, plan_compression
-    from perch.exporter.coreml_compress import merge_info
 
     dtype = torch.float16 if options.precision == "fp16" else torch.float32
     module = tc.stateful_module(ckpt, io, max_context, options.batch_size, None, options.profile)

@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= out/demo
 PYTEST_ARGS ?=
+# Two workers, each test file on one (its module fixtures are built once): the suite is mostly
+# single-threaded Python (tracing, conversion), so 2 cores run it in about half the time.
+PYTEST_PARALLEL ?= -n 2 --dist loadfile
 
 .PHONY: install demo test bench-cpu clean
 
@@ -26,7 +29,7 @@ demo: install
 	$(VENV)/bin/perch generate $(DEMO_DIR)/falcon-onnx --prompt "The list type" --max-new-tokens 12
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) --durations=25 $(PYTEST_ARGS)
 
 bench-cpu: install
 	$(PY) benchmarks/onnx_cpu.py

@@ -28,11 +28,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backends", default="onnx,coreml")
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--resume", action="store_true", help="keep the cases already in --out (same seed) and go on")
     a = p.parse_args(argv)
     rng, rows, start = random.Random(a.seed), [], time.time()
     counts = {"tried": 0, "exported": 0, "refused": 0, "wrong": 0}
+    done, before = _previous(a) if a.resume else ({}, 0.0)
+    start -= before
     for i in range(a.n):
-        case = sample(rng)
+        case = sample(rng)  # drawn even when resumed: the rng must walk the same sequence
+        if i in done:
+            rows.append(done[i])
+            counts["tried"] += 1
+            counts[done[i]["verdict"]] += 1
+            continue
         with tempfile.TemporaryDirectory(prefix="perch-fuzz-") as tmp:
             run_case(case, Path(tmp), backends=tuple(a.backends.split(",")), seed=i)
         v = verdict(case)
@@ -45,6 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| tried | exported | refused | wrong |\n|---|---|---|---|")
     print(f"| {counts['tried']} | {counts['exported']} | {counts['refused']} | {counts['wrong']} |")
     return 1 if counts["wrong"] else 0
+
+
+def _previous(a) -> tuple[dict, float]:
+    """The cases of an earlier run of the same seed and backends in --out, by index, and its seconds."""
+    if not a.out.exists():
+        return {}, 0.0
+    doc = json.loads(a.out.read_text())
+    if (doc.get("seed"), doc.get("backends")) != (a.seed, a.backends):
+        raise SystemExit(f"--resume: {a.out} holds seed {doc.get('seed')} / {doc.get('backends')}, not "
+                         f"{a.seed} / {a.backends}; pass another --out")
+    return {r["i"]: r for r in doc["cases"]}, float(doc.get("seconds", 0.0))
 
 
 def _write(a, counts: dict, rows: list, seconds: float) -> None:

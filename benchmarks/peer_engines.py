@@ -79,7 +79,7 @@ class PerchEngine:
         self.rt.reset(1)
 
     def prefill(self, ids):
-        return self.rt.prefill(ids)[0, -1]
+        return self.rt.prefill(ids, last_only=True)[0, -1]
 
     def step(self, tok):
         return self.rt.step(np.array([tok]))[0]

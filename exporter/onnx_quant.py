@@ -17,7 +17,8 @@ import numpy as np
 import onnx_ir as ir
 
 from perch.exporter import calibration as calib
-from perch.exporter import gptq, quant_search
+from perch.exporter import gptq, onnx_tie, quant_search
+from perch.exporter.onnx_tie import LM_HEAD
 from perch.exporter.quant_recipes import RECIPES, Choice, recipe
 
 # The --quantize methods this backend offers (name -> Recipe: description, bits_estimate, per-tensor choices).
@@ -206,21 +207,26 @@ def _is_float_weight(v: ir.Value | None) -> bool:
 
 
 def quantize(model: ir.Model, method: str, block_size: int, *, embedding: str | None = None,
-             calibration: calib.Calibration | None = None) -> dict:
+             calibration: calib.Calibration | None = None, tied: bool = False) -> dict:
     """Quantize `model` in place by the recipe `method` (quant_recipes.RECIPES); return the manifest's record.
 
     `calibration` (input Hessians) is needed by GPTQ recipes; without it their linear layers fall back to
-    the scale search, and the record says so.
+    the scale search, and the record says so. `tied`: the checkpoint's lm_head is its embedding; the head then
+    takes the embedding's choice, so both ops quantize the table to the same bytes and onnx_tie can store
+    one copy (counted once in bits per weight).
     """
     rec = recipe(method)
     done, kept, params = {}, {}, {"quantized": 0, "bits": 0}
-    graph = model.graph
+    graph, head_count = model.graph, None
     for node in list(graph):
         if node.op_type == "MatMul" and node.domain == "" and _is_float_weight(node.inputs[1]):
             w = node.inputs[1]
             name = _display(w.name)
-            choice = rec.choice(name, "linear", block_size)
-            hess = calib.hessian_for(calibration, name) if choice and choice.algorithm == "gptq" else None
+            shared = tied and embedding is not None and name == LM_HEAD
+            choice = rec.choice(_display(embedding) if shared else name, "embedding" if shared else "linear",
+                                block_size)
+            gptq_head = choice and choice.algorithm == "gptq" and not shared  # a shared table has no one Hessian
+            hess = calib.hessian_for(calibration, name) if gptq_head else None
             if choice and choice.algorithm == "gptq" and hess is None:
                 choice = Choice(choice.bits, choice.block, "search")
             reason = _skip_reason(w.name, w.shape[0], choice)
@@ -228,7 +234,8 @@ def quantize(model: ir.Model, method: str, block_size: int, *, embedding: str | 
                 kept[name] = reason
                 continue
             done[name] = choice
-            _count(params, w.shape, choice)
+            counted = _count(params, w.shape, choice)
+            head_count = counted if shared else head_count
             _replace_matmul(graph, node, choice, hess)
         elif node.op_type == "Gather" and _is_float_weight(node.inputs[0]) and node.inputs[0].name == embedding:
             choice = rec.choice(_display(embedding), "embedding", block_size)
@@ -239,19 +246,26 @@ def quantize(model: ir.Model, method: str, block_size: int, *, embedding: str | 
             _count(params, node.inputs[0].shape, choice)
             _replace_gather(graph, node, choice)
     model.opset_imports[MSFT] = 1
+    note = None
+    if head_count and (note := onnx_tie.share_tied_table(model, embedding.removesuffix(_display(embedding)),
+                                                          _display(embedding))):
+        params["quantized"] -= head_count[0]  # one stored table: its weights and bits count once
+        params["bits"] -= head_count[1]
     report = _report(model, rec, block_size, done, kept, params, calibration)
+    if note:
+        report["tied_table"] = note
     if rec.calibration and calibration is None:
         report["note"] = "no calibration data (no checkpoint to run): GPTQ tensors fell back to the scale search"
     return report
 
 
-def _count(params: dict, shape, c: Choice) -> None:
+def _count(params: dict, shape, c: Choice) -> tuple[int, int]:
     """Stored bits of one quantized weight: codes, float16 scales, packed zero points (per block)."""
     rows, k = shape if len(shape) == 2 else (1, shape[0])
-    n = int(rows) * int(k)
-    nb = -(-int(k) // c.block)
+    n, bits = int(rows) * int(k), int(rows) * -(-int(k) // c.block) * (c.block * c.bits + 16 + c.bits)
     params["quantized"] += n
-    params["bits"] += int(rows) * nb * (c.block * c.bits + 16 + c.bits)
+    params["bits"] += bits
+    return n, bits
 
 
 def _report(model: ir.Model, rec, block: int, done: dict[str, Choice], kept: dict, params: dict, cal) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx_ir as ir
 import torch
 
-from perch.exporter import calibration, clients, onnx_fuse, onnx_quant, onnx_tie
+from perch.exporter import calibration, clients, onnx_fuse, onnx_logits, onnx_quant, onnx_tie
 from perch.archs import arch_module
 from perch.errors import PerchError
 from perch.exporter.options import OnnxOptions
@@ -91,10 +91,7 @@ def export(ckpt, out_dir: str | Path, options: OnnxOptions) -> Manifest:
     if options.quantize != "none":
         cal = calibration.calibration_for(ckpt, options)
         quant = onnx_quant.quantize(model, options.quantize, options.block_size, embedding=PREFIX + mod.EMBEDDING,
-                                    calibration=cal)
-        if onnx_tie.is_tied(ckpt.state_dict, mod.EMBEDDING) and (
-                note := onnx_tie.share_tied_table(model, PREFIX, mod.EMBEDDING)):
-            quant["tied_table"] = note
+                                    calibration=cal, tied=onnx_tie.is_tied(ckpt.state_dict, mod.EMBEDDING))
     saved = save_model(model, out_dir, subfolder=profile.onnx_subfolder, data_file=profile.data_file)
     if options.quantize != "none":
         quant["size_bytes"] = saved["bytes"]
@@ -136,6 +133,7 @@ def build_graph(ckpt, max_context: int, dtype: torch.dtype, frontend: str = "pas
 
     onnxscript.optimizer.optimize(model)  # folds only small constants (input size limit), never the weights
     onnx_fuse.apply(model)  # same math in kernels ORT runs faster on CPU (exporter/onnx_fuse.py)
+    onnx_logits.add_logits_to_keep(model)  # an optional input: a prefill's lm_head for its last positions only
     model.ir_version = IR_VERSION
     model.producer_name, model.producer_version = "perch", _perch_version()
     variant = "inplace" if frontend == "inplace" else "default"
@@ -310,11 +308,9 @@ def quantize_artifact(src: str | Path, out: str | Path, method: str, block_size:
     check_destination(out)
     model = ir.load(src / manifest.model_file)
     embedding = PREFIX + arch_module(manifest.arch).EMBEDDING
-    quant = onnx_quant.quantize(model, method, block_size, embedding=embedding, calibration=calibration)
     # The float export stores equal tables when the config ties them (transformers ties them at load too).
-    if manifest.hf_config.get("tie_word_embeddings") and (
-            note := onnx_tie.share_tied_table(model, PREFIX, arch_module(manifest.arch).EMBEDDING)):
-        quant["tied_table"] = note
+    quant = onnx_quant.quantize(model, method, block_size, embedding=embedding, calibration=calibration,
+                                tied=bool(manifest.hf_config.get("tie_word_embeddings")))
     with staged_dir(out) as tmp:
         profile = clients.client(manifest.profile, "onnx")  # keep the source's client layout
         saved = save_model(model, tmp, subfolder=profile.onnx_subfolder, data_file=profile.data_file)

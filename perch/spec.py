@@ -65,6 +65,9 @@ class StateSpec:
 
 # The "masked" value of an additive mask: exp() underflows to 0, and fp16 (max 65504) adds it safely.
 MASK_MIN = -1.0e4
+# An ONNX export's optional input (an overridable initializer, default 0 = every position): a prefill that
+# needs the last position's logits feeds 1 and skips the lm_head elsewhere (exporter/onnx_logits.py).
+LOGITS_TO_KEEP = "logits_to_keep"
 # How each front-end is told which positions a call covers and which keys it may see. Runtimes build the
 # mask input from the running 0/1 key mask by this contract (perch.runtimes.base.model_inputs).
 MASK_CONTRACTS = {

@@ -16,7 +16,8 @@ from perch.spec import MASK_MIN, ModelIO
 class Runtime(ABC):
     """One model, one batch of sequences, state kept between calls.
 
-    prefill(ids, mask) -> logits (B, T, V) float32, continuing from the stored state;
+    prefill(ids, mask) -> logits (B, T, V) float32, continuing from the stored state (B, 1, V) with
+    last_only=True, which lets a backend skip the lm_head for the other positions;
     step(ids) -> logits (B, V) for one new token per row; state() -> {"key.0": array, ...}.
     """
 
@@ -35,7 +36,10 @@ class Runtime(ABC):
         """Tokens stored so far per row (pads included): where the next token is written."""
         return self.mask.shape[1]
 
-    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    last_only = False  # read by a backend's _forward during a prefill(last_only=True)
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, *,
+                last_only: bool = False) -> np.ndarray:
         ids = self._check_ids(input_ids)
         b, t = ids.shape
         if attention_mask is None:
@@ -51,13 +55,19 @@ class Runtime(ABC):
         mask = np.concatenate([self.mask, attention_mask], axis=1)
         # Left-padded rows count positions from their first real token, as transformers does.
         positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, -t:]
-        logits = self._forward(ids, mask, positions)
+        self.last_only = last_only
+        try:
+            logits = self._forward(ids, mask, positions)
+        finally:
+            self.last_only = False
+        if last_only:
+            logits = logits[:, -1:]
         self.mask = mask  # only once the backend took the tokens: a failed call leaves the state consistent
         return np.asarray(logits, dtype=np.float32)
 
     def step(self, token_ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1, 1)
-        return self.prefill(ids)[:, -1]
+        return self.prefill(ids, last_only=True)[:, -1]
 
     def _check_ids(self, input_ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(input_ids)

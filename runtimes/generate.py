@@ -51,7 +51,7 @@ def generate_ids(runtime: Runtime, prompt_ids: np.ndarray, max_new_tokens: int, 
         raise PerchError(f"max_new_tokens {max_new_tokens}: must be at least 1")
     rng = np.random.default_rng(sampling.seed)
     runtime.reset(prompt_ids.shape[0])
-    logits = runtime.prefill(prompt_ids, attention_mask)[:, -1]
+    logits = runtime.prefill(prompt_ids, attention_mask, last_only=True)[:, -1]
     done = np.zeros(prompt_ids.shape[0], dtype=bool)
     # Stop at the artifact's context limit rather than fail after streaming half an answer.
     max_new_tokens = min(max_new_tokens, runtime.max_context - runtime.position + 1)

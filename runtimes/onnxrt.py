@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from perch.errors import PerchError
-from perch.spec import Manifest
+from perch.spec import LOGITS_TO_KEEP, Manifest
 from perch.runtimes.base import Runtime, model_inputs
 from perch.runtimes.onnx_session import DEFAULT_WORKLOAD, PREFILL_CHUNK, apply as apply_workload
 
@@ -188,6 +188,8 @@ class OnnxRuntime(Runtime):
         self.present_names = list(self.manifest.names("present").items())
         self._binding = None
         self.prefill_chunk = PREFILL_CHUNK
+        # exports before logits_to_keep lack the input: they compute every position, as they always did
+        self.keeps_last = LOGITS_TO_KEEP in {i.name for i in self.session.get_overridable_initializers()}
         self.reset(1)
 
     # ---------------------------------------------------------------- device tensors
@@ -232,6 +234,8 @@ class OnnxRuntime(Runtime):
             binding.bind_ortvalue_input(self.input_names[name], self._on_device(array))
         for key, name in self.past_names:
             binding.bind_ortvalue_input(name, self.values[key])
+        if self.last_only and self.keeps_last:  # every chunk's last row: the caller keeps the final one
+            binding.bind_ortvalue_input(LOGITS_TO_KEEP, self._on_device(np.array(1, np.int64)))
         binding.bind_output(self.manifest.names("output")["logits"], "cpu")  # only the logits reach the host
         for key, name in self.present_names:
             if self.variant == "inplace":

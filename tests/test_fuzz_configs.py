@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from perch.validate.fuzz import BAD, run_case, sample, verdict
+from perch.validate.fuzz import BAD, SAMPLERS, run_case, sample, verdict
 
 SEED = int(os.environ.get("PERCH_FUZZ_SEED", "0"))
 
@@ -25,7 +25,7 @@ def _draw(want_bad: bool, arch: str | None, n: int) -> list:
 
 
 @pytest.mark.slow  # ~1 min each on 2 cores; benchmarks/fuzz_configs.py runs the same path at scale
-@pytest.mark.parametrize("arch", ["falcon", "falcon_mamba"])
+@pytest.mark.parametrize("arch", sorted(SAMPLERS))
 def test_a_random_valid_config_exports_and_passes_check_on_both_backends(tmp_path, arch):
     (case,) = _draw(False, arch, 1)
     run_case(case, tmp_path)

@@ -1,4 +1,4 @@
-"""A seeded config fuzzer: random tiny Falcon / Falcon-Mamba configs, valid ones and ones Perch must refuse.
+"""A seeded config fuzzer: random tiny Falcon / Falcon-Mamba / Falcon-H1 configs, valid ones and ones Perch must refuse.
 
 `sample(rng)` draws one case: a config.json dict, and whether Perch must export it (`refuse` is None) or
 refuse it (`refuse` names the field the refusal must mention). `run_case` writes a random-weight
@@ -58,6 +58,29 @@ def _falcon_mamba(rng: random.Random) -> dict:
                 tie_word_embeddings=rng.random() < 0.5, **_SPECIAL)
 
 
+def _falcon_h1(rng: random.Random) -> dict:
+    heads = rng.choice([2, 4, 8])
+    m_heads, m_head_dim = rng.choice([2, 4, 8]), rng.choice([8, 16])
+    mult = lambda: round(rng.uniform(0.5, 1.5), 2)  # noqa: E731 - µP multipliers: any positive value is valid
+    return dict(model_type="falcon_h1", architectures=["FalconH1ForCausalLM"], vocab_size=TINY_VOCAB,
+                hidden_size=rng.choice([32, 64, 96]), intermediate_size=rng.choice([64, 128]),
+                num_hidden_layers=rng.randint(1, 3), num_attention_heads=heads,
+                num_key_value_heads=rng.choice([d for d in (1, 2, 4, 8) if heads % d == 0]),
+                head_dim=rng.choice([8, 16, 32]), mamba_n_heads=m_heads, mamba_d_head=m_head_dim,
+                mamba_d_ssm=m_heads * m_head_dim, mamba_n_groups=rng.choice([g for g in (1, 2) if m_heads % g == 0]),
+                mamba_d_state=rng.choice([8, 16]), mamba_d_conv=rng.choice([2, 3, 4]),
+                mamba_chunk_size=rng.choice([8, 16]), mamba_rms_norm=rng.random() < 0.5,
+                mamba_norm_before_gate=rng.random() < 0.5, mamba_conv_bias=rng.random() < 0.7,
+                mamba_proj_bias=rng.random() < 0.3, projectors_bias=rng.random() < 0.3,
+                attention_bias=rng.random() < 0.3, mlp_bias=rng.random() < 0.3,
+                rms_norm_eps=rng.choice([1e-5, 1e-6]), max_position_embeddings=rng.choice([64, 512]),
+                embedding_multiplier=mult(), lm_head_multiplier=mult(), key_multiplier=mult(),
+                attention_in_multiplier=mult(), attention_out_multiplier=mult(), ssm_in_multiplier=mult(),
+                ssm_out_multiplier=mult(), mlp_multipliers=[mult(), mult()],
+                ssm_multipliers=[mult() for _ in range(5)], initializer_range=0.1,
+                tie_word_embeddings=rng.random() < 0.5, **_SPECIAL)
+
+
 # (arch, field, a bad value or None to delete the field): each must be refused naming `field`.
 BAD = [
     ("falcon", "activation", "relu"), ("falcon", "activation", "silu"), ("falcon", "activation", "gelu_new"),
@@ -65,6 +88,8 @@ BAD = [
     ("falcon", "num_hidden_layers", None), ("falcon", "rope_scaling", {"type": "linear", "factor": 2.0}),
     ("falcon_mamba", "hidden_act", "relu"), ("falcon_mamba", "hidden_act", "gelu"),
     ("falcon_mamba", "hidden_size", None), ("falcon_mamba", "num_hidden_layers", None),
+    ("falcon_h1", "hidden_act", "gelu"), ("falcon_h1", "time_step_limit", [0.0, 10.0]),
+    ("falcon_h1", "rope_scaling", {"type": "linear", "factor": 2.0}),
 ]
 
 
@@ -73,7 +98,8 @@ NAMED_AS = {"rope_scaling": "RoPE scaling"}
 
 
 # arch -> its config sampler (dev data, one row per fuzzed architecture)
-SAMPLERS = {"falcon": lambda rng: _falcon(rng), "falcon_mamba": lambda rng: _falcon_mamba(rng)}
+SAMPLERS = {"falcon": lambda rng: _falcon(rng), "falcon_mamba": lambda rng: _falcon_mamba(rng),
+            "falcon_h1": lambda rng: _falcon_h1(rng)}
 
 
 def sample(rng: random.Random, bad_share: float = 0.25) -> Case:
@@ -93,7 +119,8 @@ def sample(rng: random.Random, bad_share: float = 0.25) -> Case:
 
 def _describe(cfg: dict) -> str:
     keys = ("hidden_size", "num_attention_heads", "num_kv_heads", "multi_query", "new_decoder_architecture",
-            "parallel_attn", "num_hidden_layers", "state_size", "conv_kernel", "expand")
+            "parallel_attn", "num_hidden_layers", "state_size", "conv_kernel", "expand", "mamba_n_heads",
+            "mamba_n_groups", "mamba_rms_norm", "mamba_norm_before_gate", "tie_word_embeddings")
     return f"{cfg['model_type']} " + " ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
 
 
@@ -110,7 +137,7 @@ def write_checkpoint(case: Case, out: Path, seed: int = 0) -> Path:
         cfg.setdefault("hidden_size", 64)
         cfg.setdefault("num_attention_heads", 4)
         cfg.setdefault("num_hidden_layers", 2)
-        for k in ("activation", "hidden_act", "alibi", "rope_scaling"):
+        for k in ("activation", "hidden_act", "alibi", "rope_scaling", "time_step_limit"):
             cfg.pop(k, None)
     model_type = cfg.pop("model_type")
     torch.manual_seed(seed)

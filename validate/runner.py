@@ -60,7 +60,7 @@ def _teacher_forced(art, ref, ids: np.ndarray, n: int, progress: Progress):
 def _free_run(runtime, ids: np.ndarray, n: int) -> list[int]:
     """The runtime's own greedy continuation of `ids` (n tokens)."""
     runtime.reset(1)
-    logits = runtime.prefill(ids[None])[0, -1]
+    logits = runtime.prefill(ids[None], last_only=True)[0, -1]
     tokens = []
     for i in range(n):
         tokens.append(int(logits.argmax()))

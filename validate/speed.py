@@ -101,7 +101,7 @@ def _one_run(runtime, ids: np.ndarray, decode_tokens: int) -> tuple[float, float
     """(seconds to first token, seconds for `decode_tokens` greedy steps)."""
     t0 = time.perf_counter()
     runtime.reset(1)
-    tok = int(runtime.prefill(ids[None])[0, -1].argmax())
+    tok = int(runtime.prefill(ids[None], last_only=True)[0, -1].argmax())
     t1 = time.perf_counter()
     for _ in range(decode_tokens):
         tok = int(runtime.step(np.array([tok]))[0].argmax())

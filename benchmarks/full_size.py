@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per child")
     ap.add_argument("--work", default=None, help="where artifacts are written (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the artifacts")
+    ap.add_argument("--results", default=None, help="JSON path (default benchmarks/results/full_size-MODEL.json)")
     ap.add_argument("--table", action="store_true", help="print the stored results and exit")
     ap.add_argument("--markdown", action="store_true", help="print the stored results as BENCHMARKS.md's table")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(fn(args.model, rows[0], Path(args.out_dir)) if args.child == "export" else
                          fn(rows[0], Path(args.out_dir))))
         return 0
-    path = ROOT / "benchmarks" / "results" / f"full_size-{args.model}.json"
+    path = Path(args.results) if args.results else ROOT / "benchmarks" / "results" / f"full_size-{args.model}.json"
     stored = json.loads(path.read_text()) if path.exists() else {"meta": meta(), "results": []}
     if args.table or args.markdown:
         print(markdown(stored["results"]) if args.markdown else table(stored["results"]))

@@ -202,3 +202,39 @@ def _bits_per_weight(choices: dict, plan: CompressionPlan) -> dict:
         return {"bits_per_weight": None}
     return {"bits_per_weight": round((bits + b2) / (n + n2), 3),
             "bits_per_linear_weight": round((bits + b3) / (n + n3), 3)}
+
+
+def merge_info(infos: list[dict]) -> dict:
+    """One manifest record for a model compressed piece by piece (exporter/coreml_pieces.py): counts summed,
+    reasons merged, bits per weight weighted by each piece's compressed parameters."""
+    keys = ("bits_per_weight", "bits_per_linear_weight")
+    out = {k: v for k, v in infos[0].items() if k not in ("compressed", "left_alone", "tensors", *keys)}
+    done = {"tensors": 0, "params": 0, "by_kind": defaultdict(int)}
+    left: dict[str, dict] = {}
+    tensors: dict[str, list] = {}
+    bits, weight = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0.0)
+    for info in infos:
+        c = info["compressed"]
+        done["tensors"] += c["tensors"]
+        done["params"] += c["params"]
+        for kind, n in c["by_kind"].items():
+            done["by_kind"][kind] += n
+        for why, e in info["left_alone"].items():
+            entry = left.setdefault(why, {"tensors": 0, "params": 0, "examples": []})
+            entry["tensors"] += e["tensors"]
+            entry["params"] += e["params"]
+            entry["examples"] = (entry["examples"] + e["examples"])[:3]
+        for group, names in (info.get("tensors") or {}).items():
+            tensors.setdefault(group, []).extend(names)
+        for key in keys:
+            if info.get(key):
+                bits[key] += info[key] * c["params"]
+                weight[key] += c["params"]
+    out["compressed"] = {**done, "by_kind": dict(done["by_kind"])}
+    out["left_alone"] = left
+    if tensors:
+        out["tensors"] = tensors
+    for key in keys:
+        if weight[key]:
+            out[key] = round(bits[key] / weight[key], 3)
+    return out

@@ -80,10 +80,12 @@ class CoreMLOptions(ExportOptions):
     LABEL: ClassVar[str] = "Core ML"
     MODULE: ClassVar[str] = "perch.exporter.to_coreml"
     QUANTIZE: ClassVar[tuple[str, ...]] = ("none", *RECIPES, "palettize4")
-    FLAGS: ClassVar[dict[str, str]] = {"multifunction": "--multifunction", "batch_size": "--batch-size"}
+    FLAGS: ClassVar[dict[str, str]] = {"multifunction": "--multifunction", "batch_size": "--batch-size",
+                                       "pieced": "--pieced"}
 
     multifunction: bool = False  # prefill + decode functions sharing weights and state
     batch_size: int = 1  # Core ML states have a fixed batch
+    pieced: bool | None = None  # convert layer by layer and join (exporter/coreml_pieces.py); None: when large
 
     def __post_init__(self):
         super().__post_init__()

@@ -257,12 +257,30 @@ def save_model(model: ir.Model, out_dir: str | Path, threshold: int | None = Non
     (out_dir / subfolder).mkdir(parents=True, exist_ok=True)
     external = weight_bytes(model) > threshold
     model_path = Path(subfolder) / MODEL_FILE
-    try:
-        ir.save(model, out_dir / model_path, external_data=data_file if external else None)
-    except (ValueError, OSError) as e:  # protobuf "Failed to serialize proto", disk full
-        raise PerchError(f"writing {out_dir / model_path} failed ({e}); check free disk space") from e
+    from perch.progress import progress
+
+    lazy = [v for v in model.graph.initializers.values() if isinstance(v.const_value, ir.LazyTensor)]
+    with progress(len(lazy), "ONNX weights", unit="tensor") as bar:
+        _count_writes(lazy, bar)
+        try:
+            ir.save(model, out_dir / model_path, external_data=data_file if external else None)
+        except (ValueError, OSError) as e:  # protobuf "Failed to serialize proto", disk full
+            raise PerchError(f"writing {out_dir / model_path} failed ({e}); check free disk space") from e
     files = [str(model_path)] + ([str(Path(subfolder) / data_file)] if external else [])
     return {"external_data": external, "files": files, "bytes": sum((out_dir / f).stat().st_size for f in files)}
+
+
+def _count_writes(values: list, bar) -> None:
+    """Advance `bar` as each lazy weight is computed (the writer computes them one at a time, in order)."""
+    for v in values:
+        t = v.const_value
+        v.const_value = ir.LazyTensor(lambda t=t, name=v.name: _advanced(t, bar, name), t.dtype, t.shape, name=t.name)
+
+
+def _advanced(t, bar, name: str):
+    out = t._evaluate() if hasattr(t, "_evaluate") else ir.tensor(t.numpy())
+    bar.advance(1, name)
+    return out
 
 
 def _perch_version() -> str:

@@ -33,7 +33,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     opts = options_for(a.to, precision=a.precision, quantize=a.quantize, block_size=a.block_size,
                        max_context=a.max_context, variant=a.variant, multifunction=a.multifunction,
-                       batch_size=a.batch_size, profile=a.profile, calibration=a.calibration)
+                       batch_size=a.batch_size, profile=a.profile, calibration=a.calibration, pieced=a.pieced)
     m = export(a.model, a.out, opts, adapter=a.adapter, allow_pickle=a.allow_pickle, overwrite=a.overwrite)
     bpw = m.quantization.get("bits_per_weight")
     print(f"wrote {a.out}/{m.model_file}: {m.arch}, {m.format} {m.dtype}, quantize={m.quantization.get('method')}"
@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ONNX: inplace = fixed-size K,V buffers updated by GroupQueryAttention (fast decode)")
     e.add_argument("--multifunction", action="store_true", help="Core ML: prefill and decode functions sharing state")
     e.add_argument("--batch-size", type=int, default=1, help="Core ML: the fixed batch of its states")
+    e.add_argument("--pieced", action=argparse.BooleanOptionalAction, default=None,
+                   help="Core ML: convert layer by layer and join (default: for models above 1.5B parameters)")
     e.add_argument("--for", dest="profile", default="default", metavar="CLIENT",
                    help="name and lay out the artifact for a client: swift-transformers (Core ML), transformers.js, "
                         "genai, optimum (ONNX); default: the backend's layout, which optimum and genai read as is")

@@ -8,7 +8,6 @@ is checked and every failure kept: the report lists them all, and names the firs
 """
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,26 +31,14 @@ STEP_LIMITS = {"max_abs": "max_abs", "rel_l2": "rel_l2", "cosine": "min_cosine",
 RUN_LIMITS = (("mean_kl", "mean_kl", True), ("top1", "min_top1", False), ("top5", "min_top5", False))
 
 
-class Progress:
-    """A one-line progress bar on stderr, drawn only on a terminal and only once a run passes one second."""
+def Progress(total: int, label: str, enabled: bool | None = None):
+    """perch.progress's bar (ETA on a terminal, log lines in CI); `enabled=False` (quiet) silences it."""
+    from perch.progress import Progress as Bar
 
-    def __init__(self, total: int, label: str, enabled: bool | None = None):
-        self.total, self.label, self.done, self.start = max(total, 1), label, 0, time.monotonic()
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.drawn = False
-
-    def advance(self, n: int = 1) -> None:
-        self.done += n
-        if self.enabled and time.monotonic() - self.start > 1.0:
-            filled = int(30 * self.done / self.total)
-            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total}")
-            sys.stderr.flush()
-            self.drawn = True
-
-    def close(self) -> None:
-        if self.drawn:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+    bar = Bar(total, label, unit="step")
+    if enabled is False:
+        bar.enabled = False
+    return bar
 
 
 def _teacher_forced(art, ref, ids: np.ndarray, n: int, progress: Progress):

@@ -279,18 +279,34 @@ class FalconCore(nn.Module):
 
     def run(self, input_ids, position_ids, mask, attend, hidden_out: list | None = None) -> torch.Tensor:
         """input_ids, position_ids (B, T); mask (B, 1, T, S) additive; `attend` the cache policy -> logits."""
-        x = self.transformer.word_embeddings(input_ids)
-        cos = self.rope_cos[position_ids].unsqueeze(1).to(x.dtype)  # (B, 1, T, hd)
-        sin = self.rope_sin[position_ids].unsqueeze(1).to(x.dtype)
+        x, cos, sin = embed(self, input_ids, position_ids)
         mask = mask.to(x.dtype)
         for i, layer in enumerate(self.transformer.h):
-            attn_in = layer.attn_input(x)
-            attn = layer.self_attention
-            q, k, v = attn.project(attn_in, cos, sin)
-            x = layer.finish(x, attn_in, attn.dense(attend(i, attn, q, k, v, mask)))
+            x = layer_step(layer, i, x, cos, sin, mask, attend)
             if hidden_out is not None:
                 hidden_out.append(x)
-        return self.lm_head(self.transformer.ln_f(x)).float()
+        return head(self, x)
+
+
+# The core's forward in three steps, as functions of any module with the core's attribute names: the pieced
+# Core ML conversion (exporter/coreml_pieces.py) traces each step on its own with the same weight names.
+def embed(core, input_ids, position_ids):
+    """-> x (B, T, H) and the rotary cos, sin (B, 1, T, hd) in x's dtype."""
+    x = core.transformer.word_embeddings(input_ids)
+    cos = core.rope_cos[position_ids].unsqueeze(1).to(x.dtype)
+    sin = core.rope_sin[position_ids].unsqueeze(1).to(x.dtype)
+    return x, cos, sin
+
+
+def layer_step(layer: FalconLayer, i: int, x, cos, sin, mask, attend) -> torch.Tensor:
+    attn_in = layer.attn_input(x)
+    attn = layer.self_attention
+    q, k, v = attn.project(attn_in, cos, sin)
+    return layer.finish(x, attn_in, attn.dense(attend(i, attn, q, k, v, mask)))
+
+
+def head(core, x) -> torch.Tensor:
+    return core.lm_head(core.transformer.ln_f(x)).float()
 
 
 class FalconPastPresent(nn.Module):
@@ -337,23 +353,35 @@ class FalconStateful(nn.Module):
             self.register_buffer(names[kind], torch.zeros(shape, dtype=state_dtype))
 
     def forward(self, input_ids: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
-        t, end = input_ids.shape[1], causal_mask.shape[-1] - self.extra_mask_columns
-        start = end - t
-        positions = torch.arange(start, end, device=input_ids.device).unsqueeze(0).expand(input_ids.shape[0], t)
-        if self.extra_mask_columns:
-            causal = torch.arange(end)[None, :] <= positions[:1, :, None]  # (1, T, end)
-            # (allowed - 1) * -MASK_MIN: 0 or MASK_MIN; a where() of two scalars converts to a scalar in Core ML.
-            causal_mask = causal_mask[..., :end] + ((causal.float() - 1.0) * -MASK_MIN).unsqueeze(1)
-
-        kc, vc = getattr(self, self.names["key"]), getattr(self, self.names["value"])
-
-        def attend(i, attn, q, k, v, mask):
-            # Write through the root buffer: a write through a view of it is silently dropped by Core ML.
-            kc[i : i + 1, :, :, start:end] = k.unsqueeze(0).to(kc.dtype)
-            vc[i : i + 1, :, :, start:end] = v.unsqueeze(0).to(vc.dtype)
-            return attn.attend(q, kc[i, :, :, :end].to(k.dtype), vc[i, :, :, :end].to(v.dtype), mask)
-
+        positions, causal_mask = stateful_positions(input_ids, causal_mask, self.extra_mask_columns)
+        end = causal_mask.shape[-1]
+        attend = cache_attend(getattr(self, self.names["key"]), getattr(self, self.names["value"]),
+                              end - input_ids.shape[1], end)
         return self.core.run(input_ids, positions, causal_mask, attend)
+
+
+def stateful_positions(input_ids, causal_mask, extra_columns: int):
+    """Positions (B, T) of the new tokens and the additive mask (B, 1, T, end) over the cache's first `end`."""
+    t, end = input_ids.shape[1], causal_mask.shape[-1] - extra_columns
+    start = end - t
+    positions = torch.arange(start, end, device=input_ids.device).unsqueeze(0).expand(input_ids.shape[0], t)
+    if extra_columns:
+        causal = torch.arange(end)[None, :] <= positions[:1, :, None]  # (1, T, end)
+        # (allowed - 1) * -MASK_MIN: 0 or MASK_MIN; a where() of two scalars converts to a scalar in Core ML.
+        causal_mask = causal_mask[..., :end] + ((causal.float() - 1.0) * -MASK_MIN).unsqueeze(1)
+    return positions, causal_mask
+
+
+def cache_attend(kc: torch.Tensor, vc: torch.Tensor, start, end):
+    """The stateful cache policy: store layer i's new k, v at start..end-1, attend over the first `end`."""
+
+    def attend(i, attn, q, k, v, mask):
+        # Write through the root buffer: a write through a view of it is silently dropped by Core ML.
+        kc[i : i + 1, :, :, start:end] = k.unsqueeze(0).to(kc.dtype)
+        vc[i : i + 1, :, :, start:end] = v.unsqueeze(0).to(vc.dtype)
+        return attn.attend(q, kc[i, :, :, :end].to(k.dtype), vc[i, :, :, :end].to(v.dtype), mask)
+
+    return attend
 
 
 def io_spec(config, max_context: int, frontend: str = "past_present", state_dtype: str = "float32") -> ModelIO:

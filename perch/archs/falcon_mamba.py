@@ -244,15 +244,24 @@ class FalconMambaStateful(nn.Module):
         self.register_buffer(names["ssm"], torch.zeros(n, batch_size, d, c.state_size, dtype=state_dtype))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        n = self.core.config.num_hidden_layers
         conv_buf, ssm_buf = getattr(self, self.names["conv"]), getattr(self, self.names["ssm"])
-        conv = [conv_buf[i] for i in range(n)]
-        ssm = [ssm_buf[i] for i in range(n)]
-        logits, new_conv, new_ssm = self.core.run(input_ids, None, conv, ssm)
-        for i in range(n):  # write through the root buffer (a write through a view is dropped by Core ML)
-            conv_buf[i : i + 1] = new_conv[i].unsqueeze(0).to(conv_buf.dtype)
-            ssm_buf[i : i + 1] = new_ssm[i].unsqueeze(0).to(ssm_buf.dtype)
-        return logits
+        core = self.core
+        x = core.backbone.embeddings(input_ids)
+        for i, block in enumerate(core.backbone.layers):
+            x = stateful_step(block, i, x, conv_buf, ssm_buf, core.scan, core.rounds)
+        return core.lm_head(core.backbone.norm_f(x)).float()
+
+
+def stateful_step(block: MambaBlock, i: int, x, conv_buf, ssm_buf, scan: str, rounds: int) -> torch.Tensor:
+    """Layer i over the layer-stacked state buffers: read its slice, run, write it back.
+
+    One function for the one-piece and the pieced Core ML conversion (exporter/coreml_pieces.py), so both
+    trace the same ops in the same order."""
+    out, cs, ss = block.mixer(block.norm(x), None, conv_buf[i], ssm_buf[i], scan, rounds)
+    # Write through the root buffer (a write through a view is dropped by Core ML).
+    conv_buf[i : i + 1] = cs.unsqueeze(0).to(conv_buf.dtype)
+    ssm_buf[i : i + 1] = ss.unsqueeze(0).to(ssm_buf.dtype)
+    return x + out
 
 
 def io_spec(config, max_context: int, frontend: str = "past_present", state_dtype: str = "float32") -> ModelIO:

@@ -126,19 +126,28 @@ def preset_dir(name: str, seed: int = 0) -> Path:
     return build_once(final, lambda tmp: write_preset(name, tmp, seed), lambda d: (d / "config.json").is_file())
 
 
-def write_preset(name: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Random-initialise the preset's transformers model and save it with its tokenizer."""
+def write_preset(name: str, out_dir: str | os.PathLike, seed: int = 0, config=None) -> Path:
+    """Random-initialise the preset's transformers model and save it with its tokenizer.
+
+    Full-size presets stream (`perch.dev.streamed.write_streamed`: one layer in memory at a time, 1.5 GB
+    for Falcon-7B instead of the whole 14 GB model); tiny ones go through `save_pretrained`.
+    `config` overrides the preset's (a full-width preset at reduced depth, for the parity checks)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from perch.dev.tokenizer import build_tokenizer, save_tokenizer
 
     p = get(name)
-    config = make_config(name)
+    config = config or make_config(name)
     dtype = getattr(torch, p.dtype)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    if "full" in p.tags:
+        from perch.dev.streamed import write_streamed
+
+        write_streamed(config, dtype, out_dir)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.save_pretrained(out_dir, safe_serialization=True)
     save_tokenizer(build_tokenizer(p.tokenizer_vocab), out_dir)
     return Path(out_dir)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,38 @@ class _Plan:
     inputs: tuple[str, ...]  # env keys bound to the block's inputs (loop vars)
     steps: tuple[_Step, ...]
     outputs: tuple[_Ref, ...]
+
+
+LAZY_ABOVE = 1 << 30  # weight bytes above which weights are dequantized per use (auto)
+LAZY_TENSOR = 1 << 12  # fp16 consts at least this many values stay fp16 and are upcast per use in lazy mode
+
+
+def _weight_bytes(package: Any) -> int:
+    weights = Path(package) / "Data" / "com.apple.CoreML" / "weights"
+    return sum(p.stat().st_size for p in weights.glob("*") if p.is_file()) if weights.is_dir() else 0
+
+
+def _keys_used(step: _Step) -> set[str]:
+    keys = {k for _, k, _ in step.var_kw} | {r[0] for _, refs in step.list_kw for r in refs if r[0]}
+    for b in step.blocks:
+        for s in b.steps:
+            keys |= _keys_used(s)
+        keys |= {r[0] for r in b.outputs if r[0]}
+    return keys
+
+
+def _frees(plan: _Plan) -> tuple[tuple[str, ...], ...]:
+    """For each top-level step, the environment keys whose last use it is (outputs excepted)."""
+    last: dict[str, int] = {}
+    for i, st in enumerate(plan.steps):
+        for key in _keys_used(st):
+            last[key] = i
+    keep = {r[0] for r in plan.outputs if r[0]}
+    out: list[list[str]] = [[] for _ in plan.steps]
+    for key, i in last.items():
+        if key not in keep:
+            out[i].append(key)
+    return tuple(tuple(f) for f in out)
 
 
 def program_op_types(block: Any) -> set[str]:
@@ -104,8 +137,13 @@ class MilExecutor:
     `function_name` None picks the package's default function ("main" for a single-function package).
     """
 
-    def __init__(self, path: str | os.PathLike | MilProgram, function_name: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike | MilProgram, function_name: str | None = None,
+                 lazy_weights: bool | None = None) -> None:
         self.program = path if isinstance(path, MilProgram) else MilProgram.load(path)
+        # Lazy weights: dequantize and upcast each weight when an op uses it, and drop it after its last
+        # use, instead of holding every weight dequantized and in fp32 from load (4x a 7B fp16 program).
+        self.lazy = _weight_bytes(self.program.path) > LAZY_ABOVE if lazy_weights is None else lazy_weights
+        self._lazy_consts: dict[str, Any] = {}
         self.function_name = function_name or self.program.default_function
         fn = self.program.function(self.function_name)
         self.op_types = program_op_types(fn)
@@ -120,6 +158,7 @@ class MilExecutor:
         self._consts32: dict[str, Any] = {}
         self._input_keys = {name: self._key(var) for name, var in fn.inputs.items()}
         self._plan = self._compile(fn)
+        self._frees = _frees(self._plan) if self.lazy else None
 
     # ---- load-time compilation ------------------------------------------------------------------
 
@@ -146,6 +185,8 @@ class MilExecutor:
 
     def _ref(self, var: Any, upcast: bool) -> _Ref:
         key = self._key(var)
+        if key in self._lazy_consts:  # a big weight: seeded into each call's environment, upcast on use
+            return key, None, upcast and self._lazy_consts[key].dtype == _F16
         if key in self._consts:
             return None, self._const_value(key, upcast), False
         return key, None, upcast and _declared(var)[0] == _F16
@@ -165,7 +206,9 @@ class MilExecutor:
                 self._set_const(op.outputs[0], op.outputs[0].val)
                 continue
             step = self._make_step(op)
-            if not step.control and not step.var_kw and all(r[0] is None for _, refs in step.list_kw for r in refs):
+            if self.lazy and op.op_type.startswith("constexpr_"):
+                steps.append(step)  # dequantized per call, dropped after its last use
+            elif not step.control and not step.var_kw and all(r[0] is None for _, refs in step.list_kw for r in refs):
                 self._fold(step, op)  # every input is constant: evaluate once now (constexpr_* included)
             else:
                 steps.append(step)
@@ -176,6 +219,9 @@ class MilExecutor:
         dtype, _ = _declared(var)
         if dtype is not None:
             value = np.asarray(value).astype(dtype, copy=False)
+        if self.lazy and getattr(value, "dtype", None) == _F16 and value.size >= LAZY_TENSOR:
+            self._lazy_consts[self._key(var)] = value
+            return
         self._consts[self._key(var)] = value
 
     def _fold(self, step: _Step, op: Any) -> None:
@@ -233,8 +279,9 @@ class MilExecutor:
         """Run the function. `state` (from `make_state`) is read and its entries replaced by state writes;
         None runs from a fresh zero state that is then discarded."""
         env = self._check_inputs(inputs)
+        env.update(self._lazy_consts)
         state = self._check_state(state)
-        self._run(self._plan, env, state)
+        self._run(self._plan, env, state, self._frees)
         return {name: _as_output(self._resolve(ref, env)) for name, ref in zip(self.outputs, self._plan.outputs)}
 
     def _check_inputs(self, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -274,8 +321,9 @@ class MilExecutor:
             return value
         return env[key].astype(np.float32) if up else env[key]
 
-    def _run(self, plan: _Plan, env: dict[str, Any], state: dict[str, np.ndarray]) -> None:
-        for st in plan.steps:
+    def _run(self, plan: _Plan, env: dict[str, Any], state: dict[str, np.ndarray],
+             frees: tuple[tuple[str, ...], ...] | None = None) -> None:
+        for i, st in enumerate(plan.steps):
             kw = dict(st.const_kw)
             for param, key, up in st.var_kw:
                 kw[param] = env[key].astype(np.float32) if up else env[key]
@@ -289,6 +337,8 @@ class MilExecutor:
                 raise PerchError(f"Core ML op '{st.op_type}' ({st.name}) in function {self.function_name} "
                                  f"failed: {type(e).__name__}: {e}") from e
             self._store(st, result, env)
+            for key in frees[i] if frees else ():
+                env.pop(key, None)
 
     def _store(self, st: _Step, result: Any, env: dict[str, Any]) -> None:
         results = result if isinstance(result, tuple) else (result,)

@@ -1,0 +1,248 @@
+"""Full-size exports on a small machine: export cost, artifact size, then load and run each artifact.
+
+For each model x row (backend, precision, variant): a child process exports from the preset's bf16
+checkpoint and reports wall time, CPU time, peak RSS and peak anonymous memory (RssAnon sampled every
+20 ms: the memory-mapped checkpoint pages are not the limit, anonymous memory is) and the artifact's
+size; a second child loads the artifact and runs it (ONNX Runtime, 2 threads: a 64-token prefill and 16
+decode steps; Core ML in Perch's MIL executor: one decode step after a 1-token prefill), reporting
+ms/token and peak RSS. Artifacts are deleted once measured (disk). JSON rows accumulate in
+benchmarks/results/full_size-MODEL.json (a rerun of a row replaces it).
+
+    nice -n 10 python benchmarks/full_size.py --model falcon-7b --rows onnx-int4,coreml-int4
+    python benchmarks/full_size.py --model falcon-7b --table        # print the stored rows
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = {  # name -> (backend, precision, quantize, extra options)
+    "onnx-fp16": ("onnx", "fp16", "none", {}),
+    "onnx-int4": ("onnx", "fp32", "int4", {}),
+    "onnx-int4-inplace": ("onnx", "fp32", "int4", {"variant": "inplace"}),
+    # int4-rtn: min/max rounding, the int4 the issue's 3:41 ONNX figure was measured with. The default int4
+    # (GPTQ, which falls back to the per-block scale search on a model too large to calibrate) runs that
+    # search at 28-36M weights per CPU-minute (~4 CPU-hours for 7B; BENCHMARKS.md), so full-size rows use RTN.
+    "onnx-int4-rtn": ("onnx", "fp32", "int4-rtn", {}),
+    "onnx-int4-rtn-inplace": ("onnx", "fp32", "int4-rtn", {"variant": "inplace"}),
+    "coreml-int4-rtn": ("coreml", "fp16", "int4-rtn", {}),
+    "coreml-fp16": ("coreml", "fp16", "none", {}),
+    "coreml-int4": ("coreml", "fp16", "int4", {}),
+    "coreml-palettize4": ("coreml", "fp16", "palettize4", {}),
+}
+TARGETS = {"onnx": 0.3, "coreml": 1.3}  # peak anonymous memory / checkpoint bytes (issue 12)
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class PeakAnon:
+    """Samples RssAnon every 20 ms in a thread; `stop()` returns the peak in MB."""
+
+    def __init__(self):
+        self.peak, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _status_mb("RssAnon"))
+            time.sleep(0.02)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return round(max(self.peak, _status_mb("RssAnon")))
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def child_export(model: str, row: str, out: Path) -> dict:
+    import torch
+
+    from perch.dev.presets import preset_dir
+    from perch.exporter.export import export, options_for
+
+    backend, precision, quantize, extra = ROWS[row]
+    ckpt_dir = preset_dir(model)
+    ckpt_bytes = sum(p.stat().st_size for p in ckpt_dir.glob("*.safetensors"))
+    anon, t0, c0 = PeakAnon(), time.perf_counter(), _cpu_s()
+    with torch.no_grad():
+        manifest = export(str(ckpt_dir), out, options_for(backend, precision=precision, quantize=quantize, **extra))
+    wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
+    peak_anon = anon.stop()
+    return {"export_s": round(wall, 1), "export_cpu_s": round(cpu, 1), "export_peak_rss_mb":
+            round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), "export_peak_anon_mb": peak_anon,
+            "checkpoint_bytes": ckpt_bytes, "artifact_bytes": _dir_bytes(out),
+            "anon_over_checkpoint": round(peak_anon * 2**20 / ckpt_bytes, 3),
+            "pieced": manifest.extras.get("pieced"), "quantization": manifest.quantization.get("method")}
+
+
+def child_run(row: str, out: Path) -> dict:
+    import numpy as np
+
+    from perch.runtimes import open_artifact
+
+    backend = ROWS[row][0]
+    anon, t0 = PeakAnon(), time.perf_counter()
+    rt = open_artifact(out, **({"threads": 2} if backend == "onnx" else {"engine": "perch"}))
+    load_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    prompt, decode = (64, 16) if backend == "onnx" else (1, 1)
+    ids = rng.integers(0, rt.vocab_size, (1, prompt))
+    t1 = time.perf_counter()
+    logits = rt.prefill(ids)
+    prefill_s = time.perf_counter() - t1
+    tok = logits[:, -1].argmax(-1)
+    t2 = time.perf_counter()
+    for _ in range(decode):
+        tok = rt.step(tok.reshape(1, 1)).argmax(-1)
+    decode_s = time.perf_counter() - t2
+    finite = bool(np.isfinite(logits).all())
+    rt.close()
+    return {"load_s": round(load_s, 1), "prefill_tokens": prompt, "prefill_ms_per_token": round(1000 * prefill_s / prompt, 1),
+            "decode_steps": decode, "decode_ms_per_token": round(1000 * decode_s / decode, 1),
+            "run_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "run_peak_anon_mb": anon.stop(), "logits_finite": finite}
+
+
+def _child(kind: str, model: str, row: str, out: Path, timeout: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--model", model, "--rows", row, "--out-dir", str(out)]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {f"{kind}_error": f"timed out after {timeout} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
+        return {f"{kind}_error": f"exit {proc.returncode}: " + " | ".join(tail)[-1500:]}
+    return json.loads(lines[-1])
+
+
+def measure(model: str, row: str, work: Path, timeout: int, keep: bool) -> dict:
+    out = work / f"{model}-{row}"
+    shutil.rmtree(out, ignore_errors=True)
+    result = {"model": model, "row": row, "backend": ROWS[row][0], "precision": ROWS[row][1], "quantize": ROWS[row][2],
+              "variant": ROWS[row][3].get("variant", "default"), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    result.update(_child("export", model, row, out, timeout))
+    if "export_error" not in result:
+        result.update(_child("run", model, row, out, timeout))
+        target = TARGETS[result["backend"]]
+        result["anon_target"] = target
+        result["anon_within_target"] = result["anon_over_checkpoint"] <= target
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def meta() -> dict:
+    import importlib.metadata as md
+
+    versions = {p: md.version(p) for p in ("torch", "transformers", "coremltools", "onnx", "onnxruntime", "numpy")}
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"machine": platform.platform(), "cpus": os.cpu_count(), "memory_gib": round(mem, 1),
+            "python": platform.python_version(), **versions}
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"{'model':<16} {'row':<18} {'export':>7} {'cpu s':>7} {'anon GB':>7} {'xckpt':>5} {'rss GB':>6} "
+            f"{'size GB':>7} {'decode ms/tok':>13} {'prefill ms/tok':>14} {'run rss GB':>10}")
+    out = [head, "-" * len(head)]
+    for r in rows:
+        if "export_error" in r:
+            out.append(f"{r['model']:<16} {r['row']:<18} EXPORT FAILED: {r['export_error'][-120:]}")
+            continue
+        gb = lambda mb: f"{mb / 1024:.2f}"  # noqa: E731
+        run = ("RUN FAILED" if "run_error" in r else
+               f"{r['decode_ms_per_token']:>13} {r['prefill_ms_per_token']:>14} {gb(r['run_peak_rss_mb']):>10}")
+        out.append(f"{r['model']:<16} {r['row']:<18} {r['export_s']:>7} {r['export_cpu_s']:>7} "
+                   f"{gb(r['export_peak_anon_mb']):>7} {r['anon_over_checkpoint']:>5} {gb(r['export_peak_rss_mb']):>6} "
+                   f"{r['artifact_bytes'] / 2**30:>7.2f} {run}")
+    return "\n".join(out)
+
+
+def markdown(rows: list[dict]) -> str:
+    """The BENCHMARKS.md table: one line per measured row, failures said as such."""
+    out = ["| model | row | export wall s | export CPU s | peak anon GB (x ckpt, target) | peak RSS GB | artifact GB "
+           "| decode ms/token | prefill ms/token | run peak RSS GB |", "|" + "---|" * 10]
+    for r in rows:
+        if "export_error" in r:
+            out.append(f"| {r['model']} | {r['row']} | export failed: {r['export_error'][-160:]} |||||||||")
+            continue
+        run = (f"run failed: {r['run_error'][-120:]} | | |" if "run_error" in r else
+               f"{r['decode_ms_per_token']} ({r['decode_steps']} steps) | {r['prefill_ms_per_token']} "
+               f"({r['prefill_tokens']} tokens) | {r['run_peak_rss_mb'] / 1024:.2f} |")
+        mark = "within" if r["anon_within_target"] else "MISSED"
+        out.append(f"| {r['model']} | {r['row']} | {r['export_s']} | {r['export_cpu_s']} | "
+                   f"{r['export_peak_anon_mb'] / 1024:.2f} ({r['anon_over_checkpoint']}x, <= {r['anon_target']}x: {mark}) | "
+                   f"{r['export_peak_rss_mb'] / 1024:.2f} | {r['artifact_bytes'] / 2**30:.2f} | {run}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="falcon-7b")
+    ap.add_argument("--rows", default="onnx-int4,coreml-int4", help=f"comma list of {', '.join(ROWS)}")
+    ap.add_argument("--timeout", type=int, default=3600, help="seconds per child")
+    ap.add_argument("--work", default=None, help="where artifacts are written (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the artifacts")
+    ap.add_argument("--results", default=None, help="JSON path (default benchmarks/results/full_size-MODEL.json)")
+    ap.add_argument("--table", action="store_true", help="print the stored results and exit")
+    ap.add_argument("--markdown", action="store_true", help="print the stored results as BENCHMARKS.md's table")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out-dir", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    rows = [r for r in args.rows.split(",") if r]
+    if args.child:
+        fn = child_export if args.child == "export" else child_run
+        print(json.dumps(fn(args.model, rows[0], Path(args.out_dir)) if args.child == "export" else
+                         fn(rows[0], Path(args.out_dir))))
+        return 0
+    path = Path(args.results) if args.results else ROOT / "benchmarks" / "results" / f"full_size-{args.model}.json"
+    stored = json.loads(path.read_text()) if path.exists() else {"meta": meta(), "results": []}
+    if args.table or args.markdown:
+        print(markdown(stored["results"]) if args.markdown else table(stored["results"]))
+        return 0
+    bad = [r for r in rows if r not in ROWS]
+    if bad:
+        ap.error(f"unknown row(s) {bad}; choose from {', '.join(ROWS)}")
+    work = Path(args.work or tempfile.mkdtemp(prefix="perch-full-"))
+    for row in rows:
+        result = measure(args.model, row, work, args.timeout, args.keep)
+        stored["results"] = [r for r in stored["results"] if r["row"] != row] + [result]
+        stored["meta"] = meta()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(stored, indent=2) + "\n")
+        print(table([result]).splitlines()[-1], flush=True)
+    print()
+    print(table(stored["results"]))
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

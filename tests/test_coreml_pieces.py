@@ -1,0 +1,159 @@
+"""Pieced Core ML conversion (exporter/coreml_pieces.py) equals the one-piece conversion on tiny models:
+the same logits and states in Perch's MIL executor over a prefill and a decode step, bit for bit, and the
+same weights. Also: the progress reporter, and the streamed preset writer."""
+from __future__ import annotations
+
+import io
+from collections import Counter
+
+import numpy as np
+import pytest
+
+import perch
+from perch.archs.pieces import PIECES
+from perch.errors import PerchError
+from perch.runtimes.mil.executor import MilExecutor
+from perch.runtimes.mil.program import MilProgram
+
+PRESETS = {"falcon": "falcon-tiny", "falcon_mamba": "falcon-mamba-tiny"}
+
+
+def _feeds(program: MilProgram, ids: np.ndarray, end: int) -> dict:
+    feeds = {"inputIds": ids.astype(np.int32)}
+    names = [t.name for t in program.inputs("main")]
+    t = ids.shape[1]
+    if "causalMask" in names:
+        full = np.triu(np.full((end, end), -1e4, np.float16), 1)
+        feeds["causalMask"] = full[end - t:][None, None]
+    return feeds
+
+
+def _run(package) -> tuple[list[np.ndarray], dict]:
+    program = MilProgram.load(package)
+    ex = MilExecutor(program)
+    state = ex.make_state()
+    ids = np.random.default_rng(0).integers(0, 500, (1, 5))
+    out = [ex.predict(_feeds(program, ids, 5), state)["logits"],
+           ex.predict(_feeds(program, np.array([[7]]), 6), state)["logits"]]
+    return out, state
+
+
+def _weights(package) -> Counter:
+    fn = MilProgram.load(package).program.functions["main"]
+    return Counter(op.outputs[0].val.tobytes() for op in fn.operations
+                   if op.op_type == "const" and isinstance(op.outputs[0].val, np.ndarray) and op.outputs[0].val.size >= 16)
+
+
+def _export(preset, out, pieced: bool, **kw):
+    options = perch.options_for("coreml", max_context=64, pieced=pieced, **kw)
+    return perch.export(preset, out, options)
+
+
+def test_every_architecture_with_pieces_is_tested():
+    assert set(PIECES) == set(PRESETS)
+
+
+@pytest.mark.parametrize("arch", sorted(PRESETS))
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_pieced_package_equals_the_one_piece_package(arch, precision, tmp_path, load_preset):
+    ckpt = load_preset(PRESETS[arch])
+    whole = _export(ckpt, tmp_path / "whole", False, precision=precision)
+    pieced = _export(ckpt, tmp_path / "pieced", True, precision=precision)
+    assert pieced.extras["pieced"] and not whole.extras["pieced"]
+    assert [b.name for b in pieced.bindings] == [b.name for b in whole.bindings]
+    (wa, sa), (wb, sb) = (_run(tmp_path / d / "model.mlpackage") for d in ("whole", "pieced"))
+    for a, b in zip(wa, wb):
+        np.testing.assert_array_equal(a, b)
+    for name in sa:
+        np.testing.assert_array_equal(sa[name], sb[name])
+    # Same distinct weight values; a tied head is stored once per piece that uses it.
+    assert set(_weights(tmp_path / "whole" / "model.mlpackage")) == set(_weights(tmp_path / "pieced" / "model.mlpackage"))
+
+
+def test_pieced_int4_quantizes_like_the_one_piece_export(tmp_path, load_preset):
+    """Untied weights get the same int4 codes piece by piece as in one piece (same names, same recipe)."""
+    ckpt = load_preset("falcon-mamba-tiny")
+    whole = _export(ckpt, tmp_path / "whole", False, precision="fp16", quantize="int4")
+    pieced = _export(ckpt, tmp_path / "pieced", True, precision="fp16", quantize="int4")
+    assert pieced.quantization["compressed"] == whole.quantization["compressed"]
+    (wa, _), (wb, _) = (_run(tmp_path / d / "model.mlpackage") for d in ("whole", "pieced"))
+    for a, b in zip(wa, wb):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_pieced_serves_a_client_profile(tmp_path, load_preset):
+    """swift-transformers' mask contract (one row, one extra column) is built in the embedding piece."""
+    ckpt = load_preset("falcon-tiny")
+    kw = dict(precision="fp16", profile="swift-transformers")
+    _export(ckpt, tmp_path / "whole", False, **kw)
+    _export(ckpt, tmp_path / "pieced", True, **kw)
+    outs = []
+    for d in ("whole", "pieced"):
+        ex = MilExecutor(MilProgram.load(tmp_path / d / "model.mlpackage"))
+        state = ex.make_state()
+        feeds = {"inputIds": np.array([[3, 4, 5]], np.int32), "causalMask": np.zeros((1, 1, 1, 4), np.float16)}
+        outs.append(ex.predict(feeds, state)["logits"])
+    np.testing.assert_array_equal(*outs)
+
+
+def test_pieced_refuses_what_it_cannot_do(tmp_path, load_preset):
+    with pytest.raises(PerchError, match="not available for falcon_h1"):
+        _export(load_preset("falcon-h1-tiny"), tmp_path / "h1", True)
+    with pytest.raises(PerchError, match="--multifunction"):
+        _export(load_preset("falcon-tiny"), tmp_path / "mf", True, multifunction=True)
+
+
+def test_progress_logs_plain_lines_off_a_terminal(monkeypatch):
+    from perch.progress import Progress
+
+    monkeypatch.setenv("PERCH_PROGRESS", "1")
+    monkeypatch.setattr("perch.progress.LOG_EVERY", 0.0)
+    out = io.StringIO()
+    bar = Progress(4, "Core ML int4", unit="piece", stream=out, tty=False)
+    for i in range(4):
+        bar.advance(1, f"layer{i}")
+    lines = out.getvalue().splitlines()
+    assert lines and "\r" not in out.getvalue()
+    assert lines[-1].startswith("Core ML int4: 4/4 pieces (100%)") and "ETA" in lines[-1]
+
+
+def test_progress_draws_a_bar_with_an_eta_on_a_terminal():
+    from perch.progress import Progress
+
+    out = io.StringIO()
+    bar = Progress(2, "ONNX weights", unit="tensor", stream=out, tty=True)
+    bar.advance(1, "w0")
+    assert out.getvalue().startswith("\r") and "ETA" in out.getvalue() and "1/2 tensors" in out.getvalue()
+
+
+def test_streamed_preset_writer_matches_the_model_layout(tmp_path):
+    """Every parameter transformers expects is written (tied head once), and the model loads strictly."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from perch.dev.presets import make_config
+    from perch.dev.streamed import write_streamed
+
+    for name in PRESETS.values():
+        out = write_streamed(make_config(name), torch.bfloat16, tmp_path / name)
+        model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], (name, info)
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+@pytest.mark.parametrize("quantize", ["none", "int4"])
+def test_lazy_weights_give_the_same_numbers(quantize, tmp_path, load_preset):
+    """The executor's large-model mode (weights dequantized and upcast per use, freed after their last use)
+    computes exactly what the load-time folding does."""
+    _export(load_preset("falcon-tiny"), tmp_path / "a", True, precision="fp16", quantize=quantize)
+    program = MilProgram.load(tmp_path / "a" / "model.mlpackage")
+    outs = []
+    for lazy in (False, True):
+        ex = MilExecutor(program, lazy_weights=lazy)
+        state = ex.make_state()
+        outs.append([ex.predict(_feeds(program, np.array([[1, 2, 3]]), 3), state)["logits"],
+                     ex.predict(_feeds(program, np.array([[4]]), 4), state)["logits"], state])
+    for a, b in zip(outs[0][:2], outs[1][:2]):
+        np.testing.assert_array_equal(a, b)
+    for name in outs[0][2]:
+        np.testing.assert_array_equal(outs[0][2][name], outs[1][2][name])

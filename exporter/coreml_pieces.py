@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from perch.archs.pieces import PIECES, Carry, Piece
+from perch.archs import arch_module
 from perch.errors import PerchError
 from perch.exporter import coreml_trace as tc
 from perch.exporter.coreml_compress import apply_compression, merge_info, plan_compression
@@ -110,7 +111,7 @@ def convert_piece(piece: Piece, carries: dict[str, Carry], io: ModelIO, options:
     fp16 = options.precision == "fp16"
     model = ct.convert(traced, inputs=inputs, outputs=outputs, states=tc.coreml_states(piece.module, list(piece.states)),
                        minimum_deployment_target=tc.check_target(tc.TARGET, has_states=bool(piece.states)),
-                       compute_precision=ct.precision.FLOAT16 if fp16 else ct.precision.FLOAT32,
+                       compute_precision=tc.compute_precision(fp16, getattr(arch_module(io.arch), "FP32_MODULES", ())),
                        convert_to="mlprogram", skip_model_load=True)
     del traced
     if piece.states:

@@ -71,8 +71,16 @@ def test_pieced_package_equals_the_one_piece_package(arch, precision, tmp_path, 
 
 
 def test_pieced_int4_quantizes_like_the_one_piece_export(tmp_path, load_preset):
-    """Untied weights get the same int4 codes piece by piece as in one piece (same names, same recipe)."""
-    ckpt = load_preset("falcon-mamba-tiny")
+    """Untied weights get the same int4 codes piece by piece as in one piece (same names, same recipe).
+
+    The tiny preset ties its head to the embedding; a tied head is one const in the one-piece program but
+    one per piece here, compressed by each piece's recipe (open: issue 12's note), so the head is untied."""
+    import dataclasses
+
+    tied = load_preset("falcon-mamba-tiny")
+    sd = dict(tied.state_dict)
+    sd["lm_head.weight"] = sd["lm_head.weight"] * 1.01  # other values: coremltools dedups equal consts
+    ckpt = dataclasses.replace(tied, state_dict=sd)
     whole = _export(ckpt, tmp_path / "whole", False, precision="fp16", quantize="int4")
     pieced = _export(ckpt, tmp_path / "pieced", True, precision="fp16", quantize="int4")
     assert pieced.quantization["compressed"] == whole.quantization["compressed"]

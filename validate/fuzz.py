@@ -134,8 +134,9 @@ def write_checkpoint(case: Case, out: Path, seed: int = 0) -> Path:
 
     cfg = dict(case.config)
     if case.refuse:  # weights from the valid config the bad one was derived from
-        cfg.setdefault("hidden_size", 64)
-        cfg.setdefault("num_attention_heads", 4)
+        # fill a deleted size so transformers can build weights (its RoPE wants an even head size)
+        cfg.setdefault("hidden_size", 16 * cfg.get("num_attention_heads", 4))
+        cfg.setdefault("num_attention_heads", next(d for d in (4, 2, 1) if cfg["hidden_size"] % (2 * d) == 0))
         cfg.setdefault("num_hidden_layers", 2)
         for k in ("activation", "hidden_act", "alibi", "rope_scaling", "time_step_limit"):
             cfg.pop(k, None)

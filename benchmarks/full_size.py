@@ -22,9 +22,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import coreml_convert  # noqa: E402 (benchmarks/coreml_convert.py: the RssAnon sampler both scripts use)
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = {  # name -> (backend, precision, quantize, extra options)
@@ -45,30 +47,11 @@ TARGETS = {"onnx": 0.3, "coreml": 1.3}  # peak anonymous memory / checkpoint byt
 
 
 def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return coreml_convert._status_mb(field)
 
 
-class PeakAnon:
-    """Samples RssAnon every 20 ms in a thread; `stop()` returns the peak in MB."""
+PeakAnon = coreml_convert.PeakAnon  # samples RssAnon every 20 ms
 
-    def __init__(self):
-        self.peak, self._stop = 0.0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _status_mb("RssAnon"))
-            time.sleep(0.02)
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        return round(max(self.peak, _status_mb("RssAnon")))
 
 
 def _cpu_s() -> float:
@@ -93,7 +76,7 @@ def child_export(model: str, row: str, out: Path) -> dict:
     with torch.no_grad():
         manifest = export(str(ckpt_dir), out, options_for(backend, precision=precision, quantize=quantize, **extra))
     wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
-    peak_anon = anon.stop()
+    peak_anon = round(anon.stop())
     return {"export_s": round(wall, 1), "export_cpu_s": round(cpu, 1), "export_peak_rss_mb":
             round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), "export_peak_anon_mb": peak_anon,
             "checkpoint_bytes": ckpt_bytes, "artifact_bytes": _dir_bytes(out),
@@ -126,7 +109,7 @@ def child_run(row: str, out: Path) -> dict:
     return {"load_s": round(load_s, 1), "prefill_tokens": prompt, "prefill_ms_per_token": round(1000 * prefill_s / prompt, 1),
             "decode_steps": decode, "decode_ms_per_token": round(1000 * decode_s / decode, 1),
             "run_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "run_peak_anon_mb": anon.stop(), "logits_finite": finite}
+            "run_peak_anon_mb": round(anon.stop()), "logits_finite": finite}
 
 
 def _child(kind: str, model: str, row: str, out: Path, timeout: int) -> dict:

@@ -174,21 +174,43 @@ class _Terminated(SystemExit):
     """SIGTERM as an exception, so `finally` and `except BaseException` clean-ups run."""
 
 
+_received: list[int] = []  # signals seen while staging, kept in case the exception was swallowed
+
+
 @contextmanager
 def terminate_as_exit() -> Iterator[None]:
-    """While active, SIGTERM raises SystemExit(143) (SIGINT already raises KeyboardInterrupt)."""
+    """While active, SIGTERM raises SystemExit(143) and SIGINT KeyboardInterrupt, and both are remembered.
+
+    Remembered because Python raises a signal's exception in whatever runs at that instant: in a `__del__`
+    (seen: regex's, during garbage collection) it is printed and dropped, and the export would go on and
+    commit after a Ctrl-C. `raise_if_interrupted()` before the commit turns such a lost signal back into
+    the exit the user asked for.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be installed from the main thread
         return
 
     def handler(signum, frame):
+        _received.append(signum)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise _Terminated(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _received.clear()
+
+
+def raise_if_interrupted() -> None:
+    """Re-raise a SIGINT or SIGTERM that arrived while staging but whose exception was lost."""
+    if signal.SIGINT in _received:
+        raise KeyboardInterrupt
+    if _received:
+        raise _Terminated(128 + _received[0])
 
 
 # ---------------------------------------------------------------- all together
@@ -240,6 +262,7 @@ def staged_dir(out: str | os.PathLike, *, overwrite: bool = False, owned: Callab
                 tmp = _writable(lambda: _partial(out), out, flag)
                 try:
                     yield tmp
+                    raise_if_interrupted()
                     _commit(tmp, out)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)  # a no-op after a successful commit
@@ -274,6 +297,7 @@ def build_once(final: str | os.PathLike, build: Callable[[Path], None], complete
         tmp = _partial(final)
         try:
             build(tmp)
+            raise_if_interrupted()
             _commit(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -47,6 +48,27 @@ def test_a_failure_inside_leaves_the_old_artifact_and_no_new_parents(tmp_path):
     with pytest.raises(RuntimeError), staged_dir(tmp_path / "new" / "deep" / "out"):
         raise RuntimeError("crash")
     assert os.listdir(tmp_path) == ["out"]  # the parents it created are gone again
+
+
+class _SwallowsSignals:
+    """Garbage that raises a signal in its own __del__, where Python prints the exception and drops it."""
+
+    def __init__(self, sig):
+        self.sig = sig
+
+    def __del__(self):
+        signal.raise_signal(self.sig)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the lost exception, on purpose
+@pytest.mark.parametrize("sig,exc", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, SystemExit)])
+def test_a_signal_lost_in_a_destructor_still_stops_the_commit(tmp_path, sig, exc):
+    out = fake_artifact(tmp_path / "out", "old")
+    with pytest.raises(exc), staged_dir(out, overwrite=True) as tmp:
+        (tmp / "manifest.json").write_text((out / "manifest.json").read_text().replace("old", "new"))
+        _SwallowsSignals(sig)  # collected at once: the signal's exception is lost inside __del__
+    assert json.loads((out / "manifest.json").read_text())["tag"] == "old" and os.listdir(tmp_path) == ["out"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers are restored after
 
 
 @pytest.mark.parametrize("make,needle", [

@@ -37,7 +37,8 @@ STATE_HOLDS = {"key": "rotated keys at the true K,V head count (batch, kv_heads,
 TOLERANCES: dict[str, dict] = {}
 # the config side lives in perch/archs/falcon_config.py; its names are this architecture's interface
 from perch.archs.falcon_config import (  # noqa: E402, F401
-    FalconLayout, check_config, falcon_layout, falcon_variant, num_kv_heads, rope_theta, split_fused_qkv,
+    REQUIRED_FIELDS, FalconLayout, check_config, falcon_layout, falcon_variant, num_kv_heads, rope_theta,
+    split_fused_qkv,
     translate_config)
 
 

@@ -9,9 +9,11 @@ smallest (optionally importance-weighted) squared error per block, in the spirit
 calibration set feeds that channel (llama.cpp's "imatrix"): error on a channel that sees large inputs costs
 more at the output.
 
-Pure numpy, vectorised over blocks, a cache-sized chunk of rows at a time.
+Pure numpy, vectorised over blocks, a cache-sized chunk of rows at a time, chunks spread over threads.
 """
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -110,8 +112,23 @@ def search(x: np.ndarray, bits: int, importance: np.ndarray | None = None) -> tu
     imp = None if importance is None else np.ascontiguousarray(np.broadcast_to(
         np.asarray(importance, np.float32), x.shape[-2:]))
     step = max(1, CHUNK_ELEMENTS // max(1, x[0].size))
-    parts = [_search_chunk(x[i:i + step], bits, imp) for i in range(0, len(x), step)]
+    starts = range(0, len(x), step)
+    workers = _workers() if len(starts) >= 4 else 1
+    if workers == 1:
+        parts = [_search_chunk(x[i:i + step], bits, imp) for i in starts]
+    else:  # numpy releases the GIL inside its loops: chunks in threads use every core torch may use
+        with ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(lambda i: _search_chunk(x[i:i + step], bits, imp), starts))
     return tuple(np.concatenate(p) for p in zip(*parts))
+
+
+def _workers() -> int:
+    """As many threads as torch uses (OMP_NUM_THREADS, torch.set_num_threads); 1 where torch is absent."""
+    try:
+        import torch
+    except ImportError:
+        return 1
+    return max(1, torch.get_num_threads())
 
 
 def _search_chunk(x: np.ndarray, bits: int, imp: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -29,13 +29,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backends", default="onnx,coreml")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--resume", action="store_true", help="keep the cases already in --out (same seed) and go on")
+    p.add_argument("--also", type=Path, action="append", default=[],
+                   help="with --resume: cases done by another run of the same seed (e.g. a --start half run "
+                        "beside this one) count as done too")
+    p.add_argument("--start", type=int, default=0, help="run only cases from this index on (two halves in "
+                                                       "parallel: one run from 0, one from N/2, then --resume --also)")
     a = p.parse_args(argv)
     rng, rows, start = random.Random(a.seed), [], time.time()
     counts = {"tried": 0, "exported": 0, "refused": 0, "wrong": 0}
-    done, before = _previous(a) if a.resume else ({}, 0.0)
+    done, before = _previous(a, a.out) if a.resume else ({}, 0.0)
+    for other in a.also if a.resume else ():
+        more, seconds = _previous(a, other)
+        done, before = {**more, **done}, before + seconds
     start -= before
     for i in range(a.n):
         case = sample(rng)  # drawn even when resumed: the rng must walk the same sequence
+        if i < a.start:
+            continue
         if i in done:
             rows.append(done[i])
             counts["tried"] += 1
@@ -55,13 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if counts["wrong"] else 0
 
 
-def _previous(a) -> tuple[dict, float]:
-    """The cases of an earlier run of the same seed and backends in --out, by index, and its seconds."""
-    if not a.out.exists():
+def _previous(a, path: Path) -> tuple[dict, float]:
+    """The cases of an earlier run of the same seed and backends in `path`, by index, and its seconds."""
+    if not path.exists():
         return {}, 0.0
-    doc = json.loads(a.out.read_text())
+    doc = json.loads(path.read_text())
     if (doc.get("seed"), doc.get("backends")) != (a.seed, a.backends):
-        raise SystemExit(f"--resume: {a.out} holds seed {doc.get('seed')} / {doc.get('backends')}, not "
+        raise SystemExit(f"--resume: {path} holds seed {doc.get('seed')} / {doc.get('backends')}, not "
                          f"{a.seed} / {a.backends}; pass another --out")
     return {r["i"]: r for r in doc["cases"]}, float(doc.get("seconds", 0.0))
 

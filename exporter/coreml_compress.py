@@ -114,16 +114,23 @@ class CompressionPlan:
     float_bits: dict = field(default_factory=dict)  # const name -> bits per element before compression
 
 
-def plan_compression(program, method: str, block_size: int, kinds: dict[str, str]) -> CompressionPlan:
-    """Decide what to compress in `program` (a pymil Program) without touching any weight value."""
+def plan_compression(program, method: str, block_size: int, kinds: dict[str, str],
+                     tied: tuple[str, ...] = ()) -> CompressionPlan:
+    """Decide what to compress in `program` (a pymil Program) without touching any weight value.
+
+    `tied`: const names (as in `kinds`) whose stored copy belongs to another piece (a head tied to the
+    embedding, pieced conversion): compressed like it, so the join can point them at it, but not counted.
+    """
     chosen, left = plan(program, kinds)
     ops = {op.name: op for fn in program.functions.values() for op in fn.operations if op.name in chosen}
     shapes = {n: op.outputs[0].shape for n, op in ops.items()}
     float_bits = {n: 8 * op.outputs[0].val.dtype.itemsize for n, op in ops.items()}
-    names, done = [], defaultdict(int)
+    names, done, shared = [], defaultdict(int), []
     for name, kind in chosen.items():
         why = _fits(method, shapes[name], block_size)
-        if why:
+        if _const_name(name) in tied and not why:
+            shared.append(name)
+        elif why:
             entry = left.setdefault(why, {"tensors": 0, "params": 0, "examples": []})
             entry["tensors"] += 1
             entry["params"] += int(np.prod(shapes[name]))
@@ -142,12 +149,15 @@ def plan_compression(program, method: str, block_size: int, kinds: dict[str, str
                        "by_kind": dict(done)},
         "left_alone": left,
     }
+    if shared:
+        info["tied"] = [f"{n} (stored once, with the table it is tied to)" for n in shared]
     if method.startswith("int4"):
         info["block_size"] = block_size
     if method == "palettize4":
         info["palettization"] = "kmeans (scikit-learn)" if kmeans_available() else "uniform (scikit-learn not installed)"
         info["group_size"] = PALETTE_GROUP
-    return CompressionPlan(method, names, info, {n: shapes[n] for n in names}, {n: float_bits[n] for n in names})
+    return CompressionPlan(method, names + shared, info, {n: shapes[n] for n in names},
+                           {n: float_bits[n] for n in names})
 
 
 def apply_compression(mlmodel, plan: CompressionPlan, block_size: int, kinds: dict[str, str] | None = None,
@@ -163,7 +173,7 @@ def apply_compression(mlmodel, plan: CompressionPlan, block_size: int, kinds: di
         from perch.exporter import coreml_recipe
 
         choices = coreml_recipe.choices_for(plan.method, plan.names, kinds or {}, block_size, calibration)
-        plan.info["tensors"] = _grouped(choices)
+        plan.info["tensors"] = _grouped({n: c for n, c in choices.items() if n in plan.shapes})
         plan.info.update(_bits_per_weight(choices, plan))
         return coreml_recipe.quantize(mlmodel, choices)
     config = op_config(plan.method, block_size)
@@ -208,7 +218,7 @@ def merge_info(infos: list[dict]) -> dict:
     """One manifest record for a model compressed piece by piece (exporter/coreml_pieces.py): counts summed,
     reasons merged, bits per weight weighted by each piece's compressed parameters."""
     keys = ("bits_per_weight", "bits_per_linear_weight")
-    out = {k: v for k, v in infos[0].items() if k not in ("compressed", "left_alone", "tensors", *keys)}
+    out = {k: v for k, v in infos[0].items() if k not in ("compressed", "left_alone", "tensors", "tied", *keys)}
     done = {"tensors": 0, "params": 0, "by_kind": defaultdict(int)}
     left: dict[str, dict] = {}
     tensors: dict[str, list] = {}
@@ -226,6 +236,8 @@ def merge_info(infos: list[dict]) -> dict:
             entry["examples"] = (entry["examples"] + e["examples"])[:3]
         for group, names in (info.get("tensors") or {}).items():
             tensors.setdefault(group, []).extend(names)
+        if info.get("tied"):
+            out["tied"] = out.get("tied", []) + info["tied"]
         for key in keys:
             if info.get(key):
                 bits[key] += info[key] * c["params"]

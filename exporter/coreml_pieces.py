@@ -131,8 +131,12 @@ def convert_pieces(ckpt, io: ModelIO, options: CoreMLOptions, max_context: int, 
         with materialized(piece.module, dtype):
             model = convert_piece(piece, carries, io, options, max_context)
             kinds = tc.weight_kinds(piece.module)
+            # a head tied to the embedding is compressed as the table is (kind embedding: its choice),
+            # so both pieces hold the same codes and join() keeps one copy, as the one-piece dedup does
+            kinds.update({src: "embedding" for src in piece.ties if src in kinds})
         if options.quantize != "none":
-            plan = plan_compression(model._mil_program, options.quantize, options.block_size, kinds)
+            plan = plan_compression(model._mil_program, options.quantize, options.block_size, kinds,
+                                    tied=tuple(piece.ties))
             tc.release_program(model)
             model = apply_compression(model, plan, options.block_size, kinds, cal)
             infos.append(plan.info)
@@ -207,7 +211,8 @@ def _op_name(op) -> str:
 def _tie(block, piece: Piece, defined: dict[int, set[str]]) -> dict[str, str]:
     """Drop the ops that build a tied weight (a head tied to the embedding) and point its users at the var
     the owning piece built for the same tensor: stored and compressed once, as the one-piece dedup does.
-    Returns the renames; nothing is dropped when the owner compressed its copy differently."""
+    Returns the renames; nothing is dropped when the owner holds no var of the same name (convert_pieces
+    compresses a tied head as its table, so the names and the codes agree)."""
     renames, drop = {}, []
     for src, (owner, dst) in piece.ties.items():
         ops = [op for op in block.operations if _op_name(op).startswith(src)]

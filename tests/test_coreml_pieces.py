@@ -71,19 +71,20 @@ def test_pieced_package_equals_the_one_piece_package(arch, precision, tmp_path, 
 
 
 def test_pieced_int4_quantizes_like_the_one_piece_export(tmp_path, load_preset):
-    """Untied weights get the same int4 codes piece by piece as in one piece (same names, same recipe).
+    """The same int4 codes piece by piece as in one piece (same names, same recipe), a tied head included.
 
-    The tiny preset ties its head to the embedding; a tied head is one const in the one-piece program but
-    one per piece here, compressed by each piece's recipe (open: issue 12's note), so the head is untied."""
-    import dataclasses
-
-    tied = load_preset("falcon-mamba-tiny")
-    sd = dict(tied.state_dict)
-    sd["lm_head.weight"] = sd["lm_head.weight"] * 1.01  # other values: coremltools dedups equal consts
-    ckpt = dataclasses.replace(tied, state_dict=sd)
+    The tiny preset ties its head to the embedding: one const in the one-piece program; pieced, the head is
+    compressed as the table is and joined onto the embedding piece's copy, and the manifest counts it once."""
+    ckpt = load_preset("falcon-mamba-tiny")
     whole = _export(ckpt, tmp_path / "whole", False, precision="fp16", quantize="int4")
     pieced = _export(ckpt, tmp_path / "pieced", True, precision="fp16", quantize="int4")
-    assert pieced.quantization["compressed"] == whole.quantization["compressed"]
+    for key in ("compressed", "tensors"):
+        assert pieced.quantization[key] == whole.quantization[key], key
+    assert abs(pieced.quantization["bits_per_weight"] - whole.quantization["bits_per_weight"]) < 0.005
+    assert pieced.quantization["tied"] == ["core_lm_head_weight (stored once, with the table it is tied to)"]
+    blocks = [op for op in MilProgram.load(tmp_path / "pieced" / "model.mlpackage").program.functions["main"].operations
+              if op.op_type == "constexpr_blockwise_shift_scale"]
+    assert len(blocks) == len(whole.quantization["tensors"]["4-bit gptq, blocks of 32"]) + 1  # + the one table
     (wa, _), (wb, _) = (_run(tmp_path / d / "model.mlpackage") for d in ("whole", "pieced"))
     for a, b in zip(wa, wb):
         np.testing.assert_array_equal(a, b)

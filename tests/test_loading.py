@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, FalconConfig, FalconH1Config, FalconMambaConfig, LlamaConfig
 
-from perch.archs import ARCH_MODULES, all_archs, describe_supported, detect_arch
+from perch.archs import ARCH_MODULES, all_archs, arch_module, describe_supported, detect_arch
 from perch.archs.falcon import falcon_layout, falcon_variant
 from perch.errors import PerchError, UnsupportedModel
 from perch.loading.checkpoint import (build_hf_model, load_checkpoint, load_config, load_state_dict,
@@ -41,6 +41,19 @@ def test_roundtrip_reproduces_logits_exactly(saved, name):
     for (n, b), (_, ref) in zip(rebuilt.named_buffers(), model.named_buffers()):
         assert torch.equal(b, ref), n  # rotary inv_freq, Mamba's weightless-norm ones
     assert torch.equal(logits(rebuilt), logits(model))
+
+
+@pytest.mark.parametrize("name", ["falcon_multi_query", "falcon_mamba", "falcon_h1"])
+def test_a_config_without_a_size_field_is_refused_by_name(saved, tmp_path, name):
+    """Every architecture names its own REQUIRED_FIELDS; dropping any one is refused naming it."""
+    _, path = saved[name]
+    for field in arch_module(TINY[name][1]).REQUIRED_FIELDS:
+        d = copy_model(path, tmp_path / field)
+        cfg = json.loads((d / "config.json").read_text())
+        del cfg[field]
+        (d / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(PerchError, match=f"has no {field}: .*add them to config.json"):
+            load_checkpoint(d)
 
 
 def test_falcon_layout_resolves_transformers_rules():

@@ -35,8 +35,10 @@ class Architecture(Protocol):
     FRONTENDS: tuple[str, ...]  # which of FRONTENDS its module offers
     STATE_HOLDS: dict[str, str]  # state kind -> what it holds, written into manifests for clients
     TOLERANCES: dict[str, dict]  # precision -> limits looser than the defaults (with the measurement why)
-    # Optional, read with a default: REQUIRED_FIELDS (config.json keys the loader insists on) and
-    # FP32_MODULES (module class names whose ops Core ML fp16 compute keeps fp32, e.g. norms that square).
+    # config.json keys that size the weights: the loader refuses a config without them (transformers would
+    # fill in its defaults). Required, not defaulted: a module that forgets it must fail the protocol test.
+    REQUIRED_FIELDS: tuple[str, ...]
+    # Optional, read with a default: FP32_MODULES (module class names whose ops Core ML fp16 compute keeps fp32, e.g. norms that square).
 
     def check_config(self, config) -> None: ...
     def translate_config(self, raw: dict) -> dict: ...

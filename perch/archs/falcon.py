@@ -38,8 +38,7 @@ TOLERANCES: dict[str, dict] = {}
 # the config side lives in perch/archs/falcon_config.py; its names are this architecture's interface
 from perch.archs.falcon_config import (  # noqa: E402, F401
     REQUIRED_FIELDS, FalconLayout, check_config, falcon_layout, falcon_variant, num_kv_heads, rope_theta,
-    split_fused_qkv,
-    translate_config)
+    split_fused_qkv, translate_config)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

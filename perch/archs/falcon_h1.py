@@ -44,6 +44,7 @@ STATE_HOLDS = {"key": "rotated keys at the K,V head count (batch, kv_heads, cont
 # int4 keeps the limits every architecture had before the 2026-12-02 re-derivation (Falcon's min/max
 # figures: rel_l2 0.064, max KL 7.9e-3): Falcon-H1's fixture was not in that measurement, and its Mamba-2
 # half carries weight error forward as Falcon-Mamba's does.
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers")
 TOLERANCES: dict[str, dict] = {
     "int4": dict(rel_l2=0.25, min_cosine=0.98, max_kl=0.05, mean_kl=0.01, min_top1=0.85, min_top5=0.88,
                  state_rel_l2=0.3, basis="Falcon fixture, int4 min/max (Falcon-H1 not re-measured): rel_l2 "

@@ -101,7 +101,9 @@ def _decode_special_floats(raw: dict) -> dict:
 def _check_required(path: Path, raw: dict) -> None:
     """Fields that size the weights must be in config.json itself, never transformers' defaults."""
     mod = arch_for_model_type(raw["model_type"])
-    missing = [k for k in getattr(mod, "REQUIRED_FIELDS", ()) if k not in raw]
+    if mod is None:
+        return  # an unsupported model_type is refused, by name, where the architecture is resolved
+    missing = [k for k in mod.REQUIRED_FIELDS if k not in raw]
     if missing:
         raise PerchError(f"{path} has no {', '.join(missing)}: transformers would fill in its defaults, which do "
                          "not describe these weights; add them to config.json with the values the model was "

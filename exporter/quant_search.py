@@ -93,8 +93,8 @@ class _Chunk:
             e = self._err(self.d, s)
             better = e < self.e
             if better.any():
-                self.e, self.s, self.z = np.where(better, e, self.e), np.where(better, s, self.s), np.where(better, zp, self.z)
-                self.f = np.where(better, f, self.f)
+                self.e, self.s = np.where(better, e, self.e), np.where(better, s, self.s)
+                self.z, self.f = np.where(better, zp, self.z), np.where(better, f, self.f)
                 self.best_d = np.where(better[..., None], self.d, self.best_d)
 
     def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -113,6 +113,7 @@ def search(x: np.ndarray, bits: int, importance: np.ndarray | None = None) -> tu
         np.asarray(importance, np.float32), x.shape[-2:]))
     step = max(1, CHUNK_ELEMENTS // max(1, x[0].size))
     starts = range(0, len(x), step)
+    # threads only for many chunks: GPTQ calls this per column block with one or two chunks, thousands of times
     workers = _workers() if len(starts) >= 4 else 1
     if workers == 1:
         parts = [_search_chunk(x[i:i + step], bits, imp) for i in starts]

@@ -196,13 +196,14 @@ def terminate_as_exit() -> Iterator[None]:
             raise KeyboardInterrupt
         raise _Terminated(128 + signum)
 
+    seen_before = len(_received)  # nested blocks (a cache entry built while staging) keep the outer's record
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        _received.clear()
+        del _received[seen_before:]
 
 
 def raise_if_interrupted() -> None:

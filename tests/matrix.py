@@ -19,6 +19,9 @@ ARCHS = {
 # backend -> precisions run through the public `perch.check` in tests/test_house.py (fp32 and one
 # compressed form each; the per-backend files test the rest of their precisions and variants).
 BACKENDS = {"onnx": ("fp32", "int8"), "coreml": ("fp32", "int8")}
+# (arch, precision) rows of that matrix run only in `make test-extended`: Falcon-H1's int8 rows are the
+# slowest (20-39 s each), and tests/test_onnx.py and tests/test_coreml.py already prove its int8 and int4.
+EXTENDED = {("falcon_h1", "int8")}
 TINY_PRESETS = tuple(p for row in ARCHS.values() for p in row["presets"])
 FIRST_PRESET = {arch: row["presets"][0] for arch, row in ARCHS.items()}
 

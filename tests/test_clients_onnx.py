@@ -69,10 +69,11 @@ def assert_logits_close(ref: np.ndarray, got: np.ndarray, artifact) -> None:
 
 # slow: each is another export of the trained fixture; benchmarks/clients.py runs the same cases.
 SLOW = pytest.mark.slow
+EXTENDED = [pytest.mark.slow, pytest.mark.extended]  # `make test-extended`: the suite runs falcon and int4 once
 GENAI_CASES = [
-    "falcon", "falcon:variant=inplace", pytest.param("falcon:precision=fp16", marks=SLOW),
+    "falcon", "falcon:variant=inplace", pytest.param("falcon:precision=fp16", marks=EXTENDED),
     pytest.param("falcon:quantize=int8", marks=SLOW), "falcon:quantize=int4",
-    "falcon40b", pytest.param("falcon40b:variant=inplace", marks=SLOW),
+    "falcon40b", pytest.param("falcon40b:variant=inplace", marks=EXTENDED),
 ]
 
 

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # ~6.5 CPU-minutes over 2 shards; also run as tests/coremltools_suite/ct_suite.py
+# ~6.5 CPU-minutes over 2 shards (a third of the suite's CPU time): `make test-extended` runs it, and so does
+# tests/coremltools_suite/ct_suite.py; every Core ML parity test in `make test` runs through the executor too.
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "coremltools_suite"))
 import ct_suite as suite  # noqa: E402  (tests/coremltools_suite/ct_suite.py)

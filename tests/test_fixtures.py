@@ -160,8 +160,11 @@ def test_fixture_dir_trains_once_under_concurrency(tmp_path, monkeypatch):
     assert fixtures.fixture_key("falcon", steps=2) in results[0].name
 
 
+# The Falcon and Falcon-Mamba fixtures are trained anyway for the client tests; Falcon-H1's only here and
+# in the benchmarks (~4 minutes of training on 2 cores), so its case runs in `make test-extended`.
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", sorted(fixtures.FIXTURE_CONFIGS))
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=[pytest.mark.extended] if a == "falcon_h1" else [])
+                                  for a in sorted(fixtures.FIXTURE_CONFIGS)])
 def test_cached_fixture_is_well_trained(arch):
     path = fixtures.fixture_dir(arch)
     info = json.loads((path / "fixture.json").read_text())

@@ -14,7 +14,7 @@ from perch.archs import ARCH_MODULES, Architecture, arch_module
 from perch.dev.presets import PRESETS
 from perch.exporter.export import BACKENDS
 from perch.exporter.options import OPTIONS
-from tests.matrix import ARCHS, BACKENDS as MATRIX_BACKENDS
+from tests.matrix import ARCHS, BACKENDS as MATRIX_BACKENDS, EXTENDED
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"perch": ROOT / "perch", "perch.exporter": ROOT / "exporter", "perch.runtimes": ROOT / "runtimes",
@@ -140,8 +140,9 @@ def test_the_face():
 
 
 # ---------------------------------------------------------------- one parity test through the public check
-ROWS = [(row["presets"][0], backend, precision) for row in ARCHS.values()
-        for backend, precisions in MATRIX_BACKENDS.items() for precision in precisions]
+ROWS = [pytest.param(row["presets"][0], backend, precision,
+                     marks=[pytest.mark.extended] if (arch, precision) in EXTENDED else [])
+        for arch, row in ARCHS.items() for backend, precisions in MATRIX_BACKENDS.items() for precision in precisions]
 
 
 @pytest.mark.parametrize("preset,backend,precision", ROWS)

@@ -52,7 +52,7 @@ TOLERANCES: dict[str, dict] = {
 }
 SCANS = ("loop", "chunked", "quadratic")
 EXPORT_SCANS = {"scan": "chunked", "logdepth": "quadratic"}
-ONNX_CHUNK = 32  # SSD chunk for the ONNX graph (plus one padding chunk): decode pads one token to 2x this
+ONNX_CHUNK = 32  # longest SSD chunk in the ONNX graph (plus one padding chunk); a shorter call uses its own length
 # Core ML fp16 compute keeps these modules' ops fp32: both square their input (fp16 overflows above 256);
 # the trained fixture's residual reached 338 (perch.exporter.to_coreml.compute_precision).
 FP32_MODULES = ("RMSNorm", "GatedNorm")

@@ -10,7 +10,9 @@ measured: docs/clients.md.
 - optimum `ORTModelForCausalLM` and ONNX Runtime GenAI read the default ONNX layout (every Falcon ONNX
   export also writes genai's `genai_config.json`).
 - transformers.js reads `onnx/model.onnx`; for a `multi_query` config it feeds one fused
-  `past_key_values.{i}.key_value` per layer (K and V concatenated on the last axis).
+  `past_key_values.{i}.key_value` per layer (K and V concatenated on the last axis), and Falcon-H1's Mamba
+  states as `past_conv.{i}` / `past_ssm.{i}`. optimum, genai and swift-transformers carry no Mamba state
+  beside a K,V cache and refuse Falcon-H1 by name.
 - swift-transformers (Core ML) runs a model statefully only if its states are `keyCache`/`valueCache`
   (so Falcon-Mamba's conv/SSM states take those names), and feeds Falcon's `causalMask` as zeros one
   column longer than the keys (the "additive_plus_one" mask contract).
@@ -41,24 +43,34 @@ class Client:
     swift_mask: bool = False  # Falcon's causalMask read the way swift-transformers sends it
     onnx_subfolder: str = ""  # where the graph goes ("onnx" for transformers.js)
     fuse_kv: bool = False  # a multi_query Falcon takes one past_key_values.{i}.key_value per layer
+    # state kind -> (past, present) ONNX name templates over layer {i}, where the client's differ from optimum's
+    onnx_states: dict[str, tuple[str, str]] = field(default_factory=dict)
     data_file: str = "model.onnx.data"  # external-data file name in the client's convention
 
 
 TJS_NO_MAMBA = ("transformers.js has no falcon_mamba model type (AutoModelForCausalLM refuses it: 'Unsupported "
                 "model type: falcon_mamba'), and no conv/SSM cache for it")
 OPTIMUM_NO_MAMBA = "optimum's ORTModelForCausalLM has no Falcon-Mamba support (no conv/SSM state handling)"
+OPTIMUM_NO_H1 = ("optimum's ORTModelForCausalLM carries only past_key_values between steps, not Falcon-H1's conv and "
+                 "SSM states; run it with --for transformers.js, Perch's runtime or onnxruntime directly")
+# transformers.js 4.x names a hybrid model's Mamba states past_conv.{i} / past_ssm.{i} (present_* out) and
+# sizes the empty first ones from the graph's input shapes (getCacheNames, addPastKeyValues).
+TJS_HYBRID_STATES = {"conv": ("past_conv.{i}", "present_conv.{i}"), "ssm": ("past_ssm.{i}", "present_ssm.{i}")}
+SWIFT_NO_H1 = ("swift-transformers' LanguageModel carries two states (keyCache, valueCache); Falcon-H1 needs four "
+               "(key, value, conv, SSM): run the default package with Perch's runtime or Core ML directly")
 
 CLIENTS: dict[str, Client] = {c.name: c for c in (
     Client(DEFAULT, "any", "the backend's own layout (ONNX: what optimum and ONNX Runtime GenAI read)"),
     Client("optimum", "onnx", "optimum ORTModelForCausalLM: the default ONNX layout",
-           refuses={"falcon_mamba": OPTIMUM_NO_MAMBA}),
+           refuses={"falcon_mamba": OPTIMUM_NO_MAMBA, "falcon_h1": OPTIMUM_NO_H1}),
     Client("genai", "onnx", "ONNX Runtime GenAI: the default ONNX layout and genai_config.json",
-           refuses={"falcon_mamba": GENAI_NO_SSM}),
+           refuses={"falcon_mamba": GENAI_NO_SSM, "falcon_h1": GENAI_NO_SSM}),
     Client("transformers.js", "onnx", "transformers.js: onnx/model.onnx, one fused K,V per layer for multi-query Falcon",
-           refuses={"falcon_mamba": TJS_NO_MAMBA}, onnx_subfolder="onnx", fuse_kv=True, data_file="model.onnx_data"),
+           refuses={"falcon_mamba": TJS_NO_MAMBA}, onnx_subfolder="onnx", fuse_kv=True, data_file="model.onnx_data",
+           onnx_states=TJS_HYBRID_STATES),
     Client("swift-transformers", "coreml", "swift-transformers LanguageModel: keyCache/valueCache states and its causalMask feed",
            coreml_states={"key": "keyCache", "value": "valueCache", "conv": "keyCache", "ssm": "valueCache"},
-           swift_mask=True),
+           swift_mask=True, refuses={"falcon_h1": SWIFT_NO_H1}),
 )}
 # The clients of each backend, to say in every manifest which of them can run the artifact.
 READERS = {"onnx": ("optimum", "genai", "transformers.js"), "coreml": ("swift-transformers",)}
@@ -81,7 +93,7 @@ def client(name: str | None, backend: str, arch: str | None = None) -> Client:
 
 
 def _layout(c: Client) -> tuple:
-    return (bool(c.coreml_states), c.swift_mask, c.onnx_subfolder, c.fuse_kv)
+    return (bool(c.coreml_states), c.swift_mask, c.onnx_subfolder, c.fuse_kv, tuple(c.onnx_states.items()))
 
 
 def support(profile: str, backend: str, arch: str) -> dict[str, str]:
@@ -110,6 +122,12 @@ def coreml_io(profile: str, io: ModelIO) -> ModelIO:
 
 
 # ---------------------------------------------------------------- ONNX
+def onnx_state_name(profile: str, kind: str, layer: int, role: str) -> str | None:
+    """The profile's ONNX name for a state, or None for optimum's."""
+    names = CLIENTS[profile].onnx_states.get(kind)
+    return names[role == "present"].format(i=layer) if names else None
+
+
 def onnx_io(profile: str, io: ModelIO, config) -> ModelIO:
     """transformers.js feeds `past_key_values.{i}.key_value` whenever config.json says multi_query."""
     if not (CLIENTS[profile].fuse_kv and getattr(config, "multi_query", False) and io.frontend == "past_present"):

@@ -11,8 +11,9 @@ from perch.errors import PerchError
 
 GENAI_CONFIG = "genai_config.json"
 GENAI_NO_SSM = ("ONNX Runtime GenAI's decoder feeds only a growing K,V cache (past_key_values.N.key/value); "
-                "it has no inputs for a recurrent model's conv and SSM states, so it cannot carry Falcon-Mamba's "
-                "state between steps. Run this export with Perch's runtime or onnxruntime directly")
+                "it has no inputs for a recurrent model's conv and SSM states, so it cannot carry the Mamba layers' "
+                "state between steps (Falcon-Mamba, Falcon-H1). Run this export with Perch's runtime or onnxruntime "
+                "directly")
 
 
 def genai_config(manifest, generation: dict | None = None) -> dict:

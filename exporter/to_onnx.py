@@ -45,10 +45,14 @@ ONNX_AXES = {"batch": "batch_size", "sequence": "sequence_length", "total_sequen
              "context": "past_sequence_length"}
 
 
-def state_name(kind: str, layer: int, role: str) -> str:
-    """optimum's names: past_key_values.{i}.key / present.{i}.key for K,V; past_{kind}_state.{i} otherwise.
+def state_name(kind: str, layer: int, role: str, profile: str = "default") -> str:
+    """optimum's names: past_key_values.{i}.key / present.{i}.key for K,V; past_{kind}_state.{i} otherwise,
+    unless the client profile names the state its own way (transformers.js: past_conv.{i}, past_ssm.{i}).
 
     "key_value" is transformers.js' fused multi-query cache (exporter/clients.py, --for transformers.js)."""
+    own = clients.onnx_state_name(profile, kind, layer, role)
+    if own:
+        return own
     if kind in ("key", "value", "key_value"):
         return f"past_key_values.{layer}.{kind}" if role == "past" else f"present.{layer}.{kind}"
     return f"past_{kind}_state.{layer}" if role == "past" else f"present_{kind}_state.{layer}"
@@ -67,7 +71,7 @@ def bindings(io: ModelIO, profile: str = "default") -> tuple[Binding, ...]:
             for s in io.states:
                 shape = s.shape if role == "past" or "context" not in s.shape else \
                     tuple("total_sequence" if a == "context" else a for a in s.shape)
-                out.append(Binding(f"{s.kind}.{i}", state_name(s.kind, i, role), role, _axes(shape), s.dtype))
+                out.append(Binding(f"{s.kind}.{i}", state_name(s.kind, i, role, profile), role, _axes(shape), s.dtype))
     return tuple(out)
 
 
@@ -126,7 +130,7 @@ def build_graph(ckpt, max_context: int, dtype: torch.dtype, frontend: str = "pas
         wrapper = FalconFusedKV(core)
     else:
         wrapper = mod.past_present(core)
-    model = trace(wrapper, io, dtype, translations)
+    model = trace(wrapper, io, dtype, translations, profile)
     fold_weight_transposes(model, ckpt.state_dict, dtype)
     bind_weights(model, ckpt.state_dict, dtype)
     import onnxscript.optimizer
@@ -175,10 +179,11 @@ def example_inputs(io: ModelIO, dtype: torch.dtype) -> tuple[tuple, tuple]:
     return tuple(args), (*dyn, tuple(past_dyn))
 
 
-def trace(wrapper: torch.nn.Module, io: ModelIO, dtype: torch.dtype, translations: dict) -> ir.Model:
+def trace(wrapper: torch.nn.Module, io: ModelIO, dtype: torch.dtype, translations: dict,
+          profile: str = "default") -> ir.Model:
     """torch.onnx's dynamo exporter, unoptimized (we fold and bind the weights ourselves first)."""
     args, dynamic_shapes = example_inputs(io, dtype)
-    names = bindings(io)
+    names = bindings(io, profile)
     names_in = [b.name for b in names if b.role in ("input", "past")]
     names_out = [b.name for b in names if b.role in ("output", "present")]
     with warnings.catch_warnings():

@@ -33,7 +33,8 @@ MAX_CONTEXT = 64
 
 @pytest.fixture(scope="module")
 def models() -> dict:
-    return {"falcon": fixture_dir("falcon"), "falcon40b": preset_dir("falcon40b-tiny")}
+    return {"falcon": fixture_dir("falcon"), "falcon40b": preset_dir("falcon40b-tiny"),
+            "falcon_h1": preset_dir("falcon-h1-tiny")}
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def test_genai_runs_falcon_export_unchanged(case, exports, models):
         assert_logits_close(ref_logits[:1] if quantized else ref_logits, logits[:1] if quantized else logits, artifact)
 
 
-@pytest.mark.parametrize("model", ["falcon", "falcon40b"])
+@pytest.mark.parametrize("model", ["falcon", "falcon40b", "falcon_h1"])
 def test_transformers_js_runs_falcon_export(model, exports, models):
     """AutoModelForCausalLM.from_pretrained(dir) in Node, one flag at export: transformers' tokens."""
     artifact = exports(f"{model}:profile=transformers.js")
@@ -104,6 +105,10 @@ def test_transformers_js_runs_falcon_export(model, exports, models):
         assert tokens == ref_tokens
         assert_logits_close(ref_logits[:1], first, artifact)
         assert harness.perch_tokens(artifact, ids, NEW_TOKENS) == ref_tokens  # our runtime drives this layout
+    if model == "falcon_h1":  # the other ONNX clients carry no Mamba state: the manifest says so
+        verdicts = Manifest.load(artifact).extras["clients"]
+        assert verdicts["transformers.js"] == "runs"
+        assert verdicts["genai"].startswith("cannot run:") and verdicts["optimum"].startswith("cannot run:")
 
 
 def test_every_onnx_export_uses_optimum_axis_names(exports):
@@ -150,6 +155,16 @@ def mamba_onnx(tmp_path_factory) -> tuple:
 @pytest.mark.parametrize("client,why", [("genai", "conv and SSM states"), ("transformers.js", "falcon_mamba")])
 def test_falcon_mamba_refused_by_name(client, why, tmp_path, capsys):
     assert main(["export", "falcon-mamba-tiny", "--to", "onnx", "--for", client, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert f"--for {client}" in err and why in err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("to,client,why", [("onnx", "genai", "conv and SSM states"),
+                                           ("onnx", "optimum", "conv and SSM states"),
+                                           ("coreml", "swift-transformers", "needs four")])
+def test_falcon_h1_refused_by_name_where_the_client_has_no_mamba_state(to, client, why, tmp_path, capsys):
+    assert main(["export", "falcon-h1-tiny", "--to", to, "--for", client, "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert f"--for {client}" in err and why in err
     assert not (tmp_path / "x").exists()

@@ -20,6 +20,7 @@ from perch.exporter import calibration as calib
 from perch.exporter import gptq, onnx_tie, quant_search
 from perch.exporter.onnx_tie import LM_HEAD
 from perch.exporter.quant_recipes import RECIPES, Choice, recipe
+from perch.progress import progress
 
 # The --quantize methods this backend offers (name -> Recipe: description, bits_estimate, per-tensor choices).
 METHODS = dict(RECIPES)
@@ -218,33 +219,38 @@ def quantize(model: ir.Model, method: str, block_size: int, *, embedding: str | 
     rec = recipe(method)
     done, kept, params = {}, {}, {"quantized": 0, "bits": 0}
     graph, head_count = model.graph, None
-    for node in list(graph):
-        if node.op_type == "MatMul" and node.domain == "" and _is_float_weight(node.inputs[1]):
-            w = node.inputs[1]
-            name = _display(w.name)
-            shared = tied and embedding is not None and name == LM_HEAD
-            choice = rec.choice(_display(embedding) if shared else name, "embedding" if shared else "linear",
-                                block_size)
-            gptq_head = choice and choice.algorithm == "gptq" and not shared  # a shared table has no one Hessian
-            hess = calib.hessian_for(calibration, name) if gptq_head else None
-            if choice and choice.algorithm == "gptq" and hess is None:
-                choice = Choice(choice.bits, choice.block, "search")
-            reason = _skip_reason(w.name, w.shape[0], choice)
-            if reason:
-                kept[name] = reason
-                continue
-            done[name] = choice
-            counted = _count(params, w.shape, choice)
-            head_count = counted if shared else head_count
-            _replace_matmul(graph, node, choice, hess)
-        elif node.op_type == "Gather" and _is_float_weight(node.inputs[0]) and node.inputs[0].name == embedding:
-            choice = rec.choice(_display(embedding), "embedding", block_size)
-            if node.inputs[0].shape[1] % choice.block:
-                kept[_display(embedding)] = f"hidden size is not a multiple of the {choice.block}-wide block"
-                continue
-            done[_display(embedding)] = choice
-            _count(params, node.inputs[0].shape, choice)
-            _replace_gather(graph, node, choice)
+    candidates = [n for n in graph if _target(n, embedding)]
+    # A 7B model's search takes tens of CPU-minutes before anything is written: say where it is.
+    with progress(len(candidates), f"ONNX {method}", unit="tensor") as bar:
+        for node in candidates:
+            kind = _target(node, embedding)  # again: an earlier replacement may have taken this weight
+            bar.advance(1, _display(node.inputs[1 if node.op_type == "MatMul" else 0].name))
+            if kind == "MatMul":
+                w = node.inputs[1]
+                name = _display(w.name)
+                shared = tied and embedding is not None and name == LM_HEAD
+                choice = rec.choice(_display(embedding) if shared else name, "embedding" if shared else "linear",
+                                    block_size)
+                gptq_head = choice and choice.algorithm == "gptq" and not shared  # a shared table has no one Hessian
+                hess = calib.hessian_for(calibration, name) if gptq_head else None
+                if choice and choice.algorithm == "gptq" and hess is None:
+                    choice = Choice(choice.bits, choice.block, "search")
+                reason = _skip_reason(w.name, w.shape[0], choice)
+                if reason:
+                    kept[name] = reason
+                    continue
+                done[name] = choice
+                counted = _count(params, w.shape, choice)
+                head_count = counted if shared else head_count
+                _replace_matmul(graph, node, choice, hess)
+            elif kind == "Gather":
+                choice = rec.choice(_display(embedding), "embedding", block_size)
+                if node.inputs[0].shape[1] % choice.block:
+                    kept[_display(embedding)] = f"hidden size is not a multiple of the {choice.block}-wide block"
+                    continue
+                done[_display(embedding)] = choice
+                _count(params, node.inputs[0].shape, choice)
+                _replace_gather(graph, node, choice)
     model.opset_imports[MSFT] = 1
     note = None
     if head_count and (note := onnx_tie.share_tied_table(model, embedding.removesuffix(_display(embedding)),
@@ -257,6 +263,15 @@ def quantize(model: ir.Model, method: str, block_size: int, *, embedding: str | 
     if rec.calibration and calibration is None:
         report["note"] = "no calibration data (no checkpoint to run): GPTQ tensors fell back to the scale search"
     return report
+
+
+def _target(node: ir.Node, embedding: str | None) -> str | None:
+    """"MatMul" for a float-weight MatMul, "Gather" for the embedding's lookup, None for anything else."""
+    if node.op_type == "MatMul" and node.domain == "" and _is_float_weight(node.inputs[1]):
+        return "MatMul"
+    if node.op_type == "Gather" and _is_float_weight(node.inputs[0]) and node.inputs[0].name == embedding:
+        return "Gather"
+    return None
 
 
 def _count(params: dict, shape, c: Choice) -> tuple[int, int]:

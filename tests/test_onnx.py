@@ -330,3 +330,13 @@ def test_onnx_runtime_never_imports_exporter():
     code = ("import sys, perch.runtimes.onnxrt; bad = [m for m in sys.modules if m.split('.')[0] == 'exporter'];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_quantizing_logs_progress_per_tensor(artifacts, tmp_path, monkeypatch, capsys):
+    """A 7B search runs for tens of minutes before the file is written: the quantizer says where it is."""
+    monkeypatch.setenv("PERCH_PROGRESS", "1")
+    monkeypatch.setattr("perch.progress.LOG_EVERY", 0.0)
+    to_onnx.quantize_artifact(artifacts("falcon-tiny", "fp32"), tmp_path / "q", "int4-rtn")
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ONNX int4-rtn:")]
+    done, total = lines[-1].split()[2].split("/")  # "ONNX int4-rtn: 9/9 tensors (100%) ..."
+    assert len(lines) > 2 and done == total and int(total) > 2

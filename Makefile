@@ -32,7 +32,7 @@ test: install
 	$(PY) -m pytest -q $(PYTEST_PARALLEL) --durations=25 --ignore=tests/test_full_width.py -m "not extended" $(PYTEST_ARGS)
 
 # What `make test` leaves out to stay under 20 minutes (marker `extended`): coremltools' own suite over the
-# executor, the trained Falcon-H1 fixture, and second precisions of paths the suite proves once. ~12 minutes.
+# executor, the trained Falcon-H1 fixture, and second precisions of paths the suite proves once. ~6 minutes on 2 cores.
 test-extended: install
 	$(PY) -m pytest -q $(PYTEST_PARALLEL) --durations=25 --ignore=tests/test_full_width.py -m extended $(PYTEST_ARGS)
 

@@ -224,7 +224,7 @@ def quantize(model: ir.Model, method: str, block_size: int, *, embedding: str | 
     with progress(len(candidates), f"ONNX {method}", unit="tensor") as bar:
         for node in candidates:
             kind = _target(node, embedding)  # again: an earlier replacement may have taken this weight
-            bar.advance(1, _display(node.inputs[1 if node.op_type == "MatMul" else 0].name))
+            bar.advance(1, _display(node.inputs[1 if kind == "MatMul" else 0].name))
             if kind == "MatMul":
                 w = node.inputs[1]
                 name = _display(w.name)

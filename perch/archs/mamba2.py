@@ -47,7 +47,7 @@ def scan_ssd(x, dt, a, b, c, h0, chunk: int | None):
     no transposes: ONNX Runtime's CPU Einsum took 37% of a falcon-h1-mid decode step (28.6 of 77.5 ms in
     its profiler) for the same products.
     """
-    bsz, t, h, p = x.shape
+    t, p = x.shape[1], x.shape[3]
     n_chunks = size = None
     if chunk is not None:
         # Chunks no longer than the call: a one-token decode step is two 1-token chunks, not 64 padded

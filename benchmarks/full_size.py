@@ -115,15 +115,23 @@ def child_run(row: str, out: Path) -> dict:
 def _child(kind: str, model: str, row: str, out: Path, timeout: int) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--model", model, "--rows", row, "--out-dir", str(out)]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    # the child's log (progress lines of a half-hour quantizer run) goes to a file beside the artifact, live
+    log = out.parent / f"{out.name}-{kind}.log"
+    print(f"{kind} {model} {row}: log in {log}", file=sys.stderr, flush=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+        with open(log, "w") as err:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, timeout=timeout, env=env, cwd=ROOT)
     except subprocess.TimeoutExpired:
-        return {f"{kind}_error": f"timed out after {timeout} s"}
+        return {f"{kind}_error": f"timed out after {timeout} s; last lines: " + _tail(log)}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
-        return {f"{kind}_error": f"exit {proc.returncode}: " + " | ".join(tail)[-1500:]}
+        return {f"{kind}_error": f"exit {proc.returncode}: " + _tail(log, proc.stdout)}
     return json.loads(lines[-1])
+
+
+def _tail(log: Path, stdout: str = "") -> str:
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return " | ".join((text or stdout).strip().splitlines()[-12:])[-1500:]
 
 
 def measure(model: str, row: str, work: Path, timeout: int, keep: bool) -> dict:

@@ -25,9 +25,9 @@ class _PerchEngine:
     name = "perch-mil"
 
     def __init__(self, package: Path, functions: list[str]):
-        from perch.runtimes.mil.executor import MilExecutor, MilProgram
+        from perch.runtimes.mil.executor import MilExecutor, load_program
 
-        program = MilProgram.load(package)
+        program = load_program(package)
         self.functions = {f: MilExecutor(program, f) for f in functions}
         self.state_shapes = {s.name: s.shape for s in self.functions[functions[0]].states}
 

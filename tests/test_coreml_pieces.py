@@ -13,7 +13,7 @@ import perch
 from perch.archs.pieces import PIECES
 from perch.errors import PerchError
 from perch.runtimes.mil.executor import MilExecutor
-from perch.runtimes.mil.program import MilProgram
+from perch.runtimes.mil.program import MilProgram, PackedBlob
 
 PRESETS = {"falcon": "falcon-tiny", "falcon_mamba": "falcon-mamba-tiny"}
 
@@ -155,17 +155,22 @@ def test_streamed_preset_writer_matches_the_model_layout(tmp_path):
 
 @pytest.mark.parametrize("quantize", ["none", "int4"])
 def test_lazy_weights_give_the_same_numbers(quantize, tmp_path, load_preset):
-    """The executor's large-model mode (weights dequantized and upcast per use, freed after their last use)
-    computes exactly what the load-time folding does."""
+    """The executor's large-model mode (weights dequantized and upcast per use, freed after their last use,
+    4-bit codes left packed in the weight file) computes exactly what the load-time folding does."""
     _export(load_preset("falcon-tiny"), tmp_path / "a", True, precision="fp16", quantize=quantize)
-    program = MilProgram.load(tmp_path / "a" / "model.mlpackage")
+    package = tmp_path / "a" / "model.mlpackage"
+    program, packed = MilProgram.load(package), MilProgram.load(package, packed=True)
     outs = []
-    for lazy in (False, True):
-        ex = MilExecutor(program, lazy_weights=lazy)
+    for prog, lazy in ((program, False), (program, True), (packed, True), (packed, False)):
+        ex = MilExecutor(prog, lazy_weights=lazy)
+        blobs = [v for v in ex._lazy_consts.values() if isinstance(v, PackedBlob)]
+        # int4: every quantized weight's codes and uint4 offsets stay packed (9 weights in falcon-tiny)
+        assert len(blobs) == (2 * 9 if quantize == "int4" and prog is packed and lazy else 0)
         state = ex.make_state()
-        outs.append([ex.predict(_feeds(program, np.array([[1, 2, 3]]), 3), state)["logits"],
-                     ex.predict(_feeds(program, np.array([[4]]), 4), state)["logits"], state])
-    for a, b in zip(outs[0][:2], outs[1][:2]):
-        np.testing.assert_array_equal(a, b)
-    for name in outs[0][2]:
-        np.testing.assert_array_equal(outs[0][2][name], outs[1][2][name])
+        outs.append([ex.predict(_feeds(prog, np.array([[1, 2, 3]]), 3), state)["logits"],
+                     ex.predict(_feeds(prog, np.array([[4]]), 4), state)["logits"], state])
+    for other in outs[1:]:
+        for a, b in zip(outs[0][:2], other[:2]):
+            np.testing.assert_array_equal(a, b)
+        for name in outs[0][2]:
+            np.testing.assert_array_equal(outs[0][2][name], other[2][name])

@@ -22,10 +22,10 @@ import numpy as np
 
 from perch.errors import PerchError
 from perch.runtimes.mil import ops as mil_ops
-from perch.runtimes.mil.program import MilProgram, MilTensor
+from perch.runtimes.mil.program import MilProgram, MilTensor, PackedBlob
 from perch.runtimes.mil.shapes import check_default_shapes
 
-__all__ = ["MilExecutor", "MilProgram", "MilTensor", "program_op_types", "unsupported_ops"]
+__all__ = ["MilExecutor", "MilProgram", "MilTensor", "load_program", "program_op_types", "unsupported_ops"]
 
 _F16, _F32 = np.dtype(np.float16), np.dtype(np.float32)
 _CONTROL = ("while_loop", "cond", "read_state", "write_state", "coreml_update_state")
@@ -62,6 +62,11 @@ LAZY_TENSOR = 1 << 12  # fp16 consts at least this many values stay fp16 and are
 def _weight_bytes(package: Any) -> int:
     weights = Path(package) / "Data" / "com.apple.CoreML" / "weights"
     return sum(p.stat().st_size for p in weights.glob("*") if p.is_file()) if weights.is_dir() else 0
+
+
+def load_program(path: str | os.PathLike) -> MilProgram:
+    """Load a package to run: a large one (lazy weights) keeps its sub-byte codes packed in the weight file."""
+    return MilProgram.load(path, packed=_weight_bytes(path) > LAZY_ABOVE)
 
 
 def _keys_used(step: _Step) -> set[str]:
@@ -127,6 +132,13 @@ def _as_output(value: Any) -> Any:
     return value
 
 
+def _env_value(env: dict[str, Any], key: str, upcast: bool) -> Any:
+    v = env[key]
+    if isinstance(v, PackedBlob):
+        return v.unpack()
+    return v.astype(np.float32) if upcast else v
+
+
 def _shape_ok(shape: tuple[int, ...], declared: tuple[int | None, ...]) -> bool:
     return len(shape) == len(declared) and all(d is None or d == n for n, d in zip(shape, declared))
 
@@ -139,9 +151,10 @@ class MilExecutor:
 
     def __init__(self, path: str | os.PathLike | MilProgram, function_name: str | None = None,
                  lazy_weights: bool | None = None) -> None:
-        self.program = path if isinstance(path, MilProgram) else MilProgram.load(path)
         # Lazy weights: dequantize and upcast each weight when an op uses it, and drop it after its last
         # use, instead of holding every weight dequantized and in fp32 from load (4x a 7B fp16 program).
+        # Sub-byte codes then stay packed in the memory-mapped weight file until an op unpacks them.
+        self.program = path if isinstance(path, MilProgram) else load_program(path)
         self.lazy = _weight_bytes(self.program.path) > LAZY_ABOVE if lazy_weights is None else lazy_weights
         self._lazy_consts: dict[str, Any] = {}
         self.function_name = function_name or self.program.default_function
@@ -216,6 +229,12 @@ class MilExecutor:
         return _Plan(tuple(self._key(v) for v in inputs), tuple(steps), outputs)
 
     def _set_const(self, var: Any, value: Any) -> None:
+        blob = self.program.packed_blob(value)
+        if blob is not None:  # sub-byte codes left in the weight file: unpacked by each call (lazy) or now
+            if self.lazy:
+                self._lazy_consts[self._key(var)] = blob
+                return
+            value = blob.unpack()
         dtype, _ = _declared(var)
         if dtype is not None:
             value = np.asarray(value).astype(dtype, copy=False)
@@ -317,16 +336,14 @@ class MilExecutor:
     @staticmethod
     def _resolve(ref: _Ref, env: dict[str, Any]) -> Any:
         key, value, up = ref
-        if key is None:
-            return value
-        return env[key].astype(np.float32) if up else env[key]
+        return value if key is None else _env_value(env, key, up)
 
     def _run(self, plan: _Plan, env: dict[str, Any], state: dict[str, np.ndarray],
              frees: tuple[tuple[str, ...], ...] | None = None) -> None:
         for i, st in enumerate(plan.steps):
             kw = dict(st.const_kw)
             for param, key, up in st.var_kw:
-                kw[param] = env[key].astype(np.float32) if up else env[key]
+                kw[param] = _env_value(env, key, up)
             for param, refs in st.list_kw:
                 kw[param] = [self._resolve(r, env) for r in refs]
             try:

@@ -300,16 +300,19 @@ def reduce_argmin(x, axis=-1, keep_dims=False, output_dtype="int32"):
 
 @register("constexpr_blockwise_shift_scale")
 def constexpr_blockwise_shift_scale(data, scale, offset=None):
-    # output = scale * (data - offset), scale/offset repeated over blocks of data.shape / scale.shape.
+    # output = scale * (data - offset), scale/offset repeated over blocks of data.shape / scale.shape. Computed
+    # on a (n0, b0, n1, b1, ...) view with scale/offset broadcast over the b axes, so the only full-size
+    # temporary is the fp32 result (a 65024x4544 table: 1.2 GB, where repeating scale and offset took ~5).
     blocks = [d // s for d, s in zip(data.shape, scale.shape)]
-    data = data.astype(np.float32)
-    for axis, block in enumerate(blocks):
-        if block > 1:
-            scale = np.repeat(scale, block, axis)
-            offset = None if offset is None else np.repeat(offset, block, axis)
-    if offset is not None:
-        data = data - offset.astype(np.float32)
-    return scale * data
+    split = [n for s, b in zip(scale.shape, blocks) for n in (s, b)]
+    spread = [n for s in scale.shape for n in (s, 1)]
+    view = data.reshape(split)
+    if offset is None:
+        out = view.astype(np.float32)
+    else:
+        out = np.subtract(view, np.asarray(offset).reshape(spread), dtype=np.float32)
+    out *= np.asarray(scale, np.float32).reshape(spread)
+    return out.reshape(data.shape)
 
 
 @register("constexpr_lut_to_dense")

@@ -7,7 +7,9 @@ describes it, turning every malformed package into a `PerchError` that names the
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,84 @@ from perch.errors import PerchError
 
 SPEC_PATH = Path("Data/com.apple.CoreML/model.mlmodel")
 WEIGHTS_DIR = Path("Data/com.apple.CoreML/weights")
+BLOB_SENTINEL = 0xDEADBEEF  # first word of each blob's metadata record in a MIL weight file
+
+
+@dataclass(frozen=True)
+class PackedBlob:
+    """A sub-byte weight (uint4 codes, palette indices) left packed in the package's weight file.
+
+    coremltools' loader unpacks every 4-bit code into a byte: 7.2B codes held as ~7 GB for a 3.7 GiB int4
+    package. A large program is loaded with these instead (`MilProgram.load(..., packed=True)`): the bytes
+    stay in the memory-mapped file and each use unpacks one tensor (`unpack`), freed after that op.
+    """
+
+    file: Path
+    offset: int  # of the packed data in `file`
+    nbytes: int
+    nbits: int
+    signed: bool
+    shape: tuple[int, ...]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.int8 if self.signed else np.uint8)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def unpack(self) -> np.ndarray:
+        raw = np.memmap(self.file, np.uint8, "r", offset=self.offset, shape=(self.nbytes,))
+        if self.nbits == 4 and not self.signed:  # the common case, 2 codes per byte, low nibble first
+            codes = np.empty((self.nbytes, 2), np.uint8)
+            np.bitwise_and(raw, 0xF, out=codes[:, 0])
+            np.right_shift(raw, 4, out=codes[:, 1])
+            return codes.reshape(-1)[: self.size].reshape(self.shape)
+        from coremltools.optimize._utils import restore_elements_from_packed_bits
+
+        return restore_elements_from_packed_bits(np.asarray(raw), self.nbits, self.size, self.signed).reshape(self.shape)
+
+
+def _packed_blob(weights: Path, spec: Any, shape: tuple[int, ...], prim: Any) -> PackedBlob:
+    """Where the packed bytes of a blobFileValue are: its metadata record gives their offset and size."""
+    file = weights / spec.fileName.split("/")[-1]
+    with open(file, "rb") as f:
+        f.seek(spec.offset)
+        sentinel, _, nbytes, data_offset = struct.unpack("<IIQQ", f.read(24))
+    if sentinel != BLOB_SENTINEL:
+        raise PerchError(f"{file}: no weight record at offset {spec.offset}; the package is damaged, re-export it")
+    return PackedBlob(file, data_offset, nbytes, prim.get_bitwidth(), not prim.is_unsigned(), shape)
+
+
+@contextlib.contextmanager
+def _sub_byte_left_packed(weights: Path, found: dict[int, tuple[np.ndarray, PackedBlob]]):
+    """While coremltools' milproto loader runs, sub-byte blob values load as zero-byte placeholders of their
+    shape (stride 0); `found` maps each placeholder's id to (the placeholder, kept alive, its PackedBlob)."""
+    from coremltools.converters.mil.frontend.milproto import load as milproto
+    from coremltools.converters.mil.frontend.milproto.helper import proto_to_types
+    from coremltools.converters.mil.mil import types
+
+    original = milproto._load_value
+
+    def load_value(context, value_spec):
+        if value_spec.type.WhichOneof("type") == "tensorType" and value_spec.WhichOneof("value") == "blobFileValue":
+            t = proto_to_types(value_spec.type)
+            prim = t.get_primitive() if types.is_tensor(t) else t
+            if types.is_sub_byte(prim):
+                shape = tuple(int(n) for n in t.get_shape())
+                blob = _packed_blob(weights, value_spec.blobFileValue, shape, prim)
+                placeholder = np.lib.stride_tricks.as_strided(np.zeros(1, blob.dtype), shape, (0,) * len(shape),
+                                                              writeable=False)
+                found[id(placeholder)] = (placeholder, blob)
+                return placeholder
+        return original(context, value_spec)
+
+    milproto._load_value = load_value
+    try:
+        yield
+    finally:
+        milproto._load_value = original
 
 
 @dataclass(frozen=True)
@@ -118,14 +198,25 @@ def _tensor_from_feature(name: str, dtype: np.dtype, feature: Any | None, rank_s
 class MilProgram:
     """A loaded `.mlpackage`: its spec, its pymil `Program`, and per-function declarations."""
 
-    def __init__(self, path: Path, spec: Any, program: Any) -> None:
+    def __init__(self, path: Path, spec: Any, program: Any,
+                 packed: dict[int, tuple[np.ndarray, PackedBlob]] | None = None) -> None:
         self.path = path
         self.spec = spec
         self.program = program
+        self._packed = packed or {}  # load(..., packed=True): id(placeholder) -> (placeholder, PackedBlob)
+
+    def packed_blob(self, value: Any) -> PackedBlob | None:
+        """The PackedBlob a const value stands for, if it is a placeholder left by load(..., packed=True)."""
+        hit = self._packed.get(id(value))
+        return hit[1] if hit is not None and hit[0] is value else None
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> MilProgram:
-        """Read `path` (a `.mlpackage` directory) with coremltools' milproto loader."""
+    def load(cls, path: str | os.PathLike, packed: bool = False) -> MilProgram:
+        """Read `path` (a `.mlpackage` directory) with coremltools' milproto loader.
+
+        `packed`: sub-byte weights stay packed in the weight file (PackedBlob) instead of one byte per code;
+        their const values are then zero-byte placeholders, so only an executor that unpacks them can run it.
+        """
         from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
 
         package = _check_package(path)
@@ -143,11 +234,13 @@ class MilProgram:
                 f"{package}: weights file(s) {', '.join(missing)} referenced by the program are missing from "
                 f"{WEIGHTS_DIR}; the package is incomplete, copy or re-save the whole .mlpackage"
             )
+        found: dict[int, tuple[np.ndarray, PackedBlob]] = {}
         try:
-            program = load_milproto(spec, spec.specificationVersion, file_weights_dir=str(weights))
+            with _sub_byte_left_packed(weights, found) if packed else contextlib.nullcontext():
+                program = load_milproto(spec, spec.specificationVersion, file_weights_dir=str(weights))
         except (ValueError, KeyError, TypeError, NotImplementedError, AssertionError, RuntimeError) as e:
             raise PerchError(f"{package}: coremltools could not load the ML program ({type(e).__name__}: {e})") from e
-        return cls(package, spec, program)
+        return cls(package, spec, program, found)
 
     @property
     def function_names(self) -> list[str]:

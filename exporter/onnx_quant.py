@@ -12,6 +12,7 @@ dropped right after, so quantizing a 7B model never holds more than one float we
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -217,40 +218,19 @@ def quantize(model: ir.Model, method: str, block_size: int, *, embedding: str | 
     one copy (counted once in bits per weight).
     """
     rec = recipe(method)
-    done, kept, params = {}, {}, {"quantized": 0, "bits": 0}
+    t = _Tally({}, {}, {"quantized": 0, "bits": 0})
     graph, head_count = model.graph, None
     candidates = [n for n in graph if _target(n, embedding)]
-    # A 7B model's search takes tens of CPU-minutes before anything is written: say where it is.
+    # The graph is rewritten here in seconds; the search itself runs as each weight is saved (lazy tensors).
     with progress(len(candidates), f"ONNX {method}", unit="tensor") as bar:
         for node in candidates:
             kind = _target(node, embedding)  # again: an earlier replacement may have taken this weight
             bar.advance(1, _display(node.inputs[1 if kind == "MatMul" else 0].name))
             if kind == "MatMul":
-                w = node.inputs[1]
-                name = _display(w.name)
-                shared = tied and embedding is not None and name == LM_HEAD
-                choice = rec.choice(_display(embedding) if shared else name, "embedding" if shared else "linear",
-                                    block_size)
-                gptq_head = choice and choice.algorithm == "gptq" and not shared  # a shared table has no one Hessian
-                hess = calib.hessian_for(calibration, name) if gptq_head else None
-                if choice and choice.algorithm == "gptq" and hess is None:
-                    choice = Choice(choice.bits, choice.block, "search")
-                reason = _skip_reason(w.name, w.shape[0], choice)
-                if reason:
-                    kept[name] = reason
-                    continue
-                done[name] = choice
-                counted = _count(params, w.shape, choice)
-                head_count = counted if shared else head_count
-                _replace_matmul(graph, node, choice, hess)
+                head_count = _quantize_matmul(graph, node, rec, block_size, embedding, tied, calibration, t) or head_count
             elif kind == "Gather":
-                choice = rec.choice(_display(embedding), "embedding", block_size)
-                if node.inputs[0].shape[1] % choice.block:
-                    kept[_display(embedding)] = f"hidden size is not a multiple of the {choice.block}-wide block"
-                    continue
-                done[_display(embedding)] = choice
-                _count(params, node.inputs[0].shape, choice)
-                _replace_gather(graph, node, choice)
+                _quantize_gather(graph, node, rec, block_size, embedding, t)
+    done, kept, params = t.done, t.kept, t.params
     model.opset_imports[MSFT] = 1
     note = None
     if head_count and (note := onnx_tie.share_tied_table(model, embedding.removesuffix(_display(embedding)),
@@ -263,6 +243,45 @@ def quantize(model: ir.Model, method: str, block_size: int, *, embedding: str | 
     if rec.calibration and calibration is None:
         report["note"] = "no calibration data (no checkpoint to run): GPTQ tensors fell back to the scale search"
     return report
+
+
+@dataclass
+class _Tally:
+    done: dict[str, Choice]  # display name -> how it was quantized
+    kept: dict[str, str]  # display name -> why it stays float
+    params: dict[str, int]  # quantized weights and their stored bits
+
+
+def _quantize_matmul(graph: ir.Graph, node: ir.Node, rec, block_size: int, embedding: str | None, tied: bool,
+                     calibration, t: _Tally) -> tuple[int, int] | None:
+    """Replace one float-weight MatMul by MatMulNBits; returns the head's counts when it shares the table."""
+    w = node.inputs[1]
+    name = _display(w.name)
+    shared = tied and embedding is not None and name == LM_HEAD
+    choice = rec.choice(_display(embedding) if shared else name, "embedding" if shared else "linear", block_size)
+    gptq_head = choice and choice.algorithm == "gptq" and not shared  # a shared table has no one Hessian
+    hess = calib.hessian_for(calibration, name) if gptq_head else None
+    if choice and choice.algorithm == "gptq" and hess is None:
+        choice = Choice(choice.bits, choice.block, "search")
+    reason = _skip_reason(w.name, w.shape[0], choice)
+    if reason:
+        t.kept[name] = reason
+        return None
+    t.done[name] = choice
+    counted = _count(t.params, w.shape, choice)
+    _replace_matmul(graph, node, choice, hess)
+    return counted if shared else None
+
+
+def _quantize_gather(graph: ir.Graph, node: ir.Node, rec, block_size: int, embedding: str, t: _Tally) -> None:
+    """Replace the embedding's Gather by GatherBlockQuantized (unless the hidden size does not fit a block)."""
+    choice = rec.choice(_display(embedding), "embedding", block_size)
+    if node.inputs[0].shape[1] % choice.block:
+        t.kept[_display(embedding)] = f"hidden size is not a multiple of the {choice.block}-wide block"
+        return
+    t.done[_display(embedding)] = choice
+    _count(t.params, node.inputs[0].shape, choice)
+    _replace_gather(graph, node, choice)
 
 
 def _target(node: ir.Node, embedding: str | None) -> str | None:

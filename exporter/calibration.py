@@ -12,7 +12,6 @@ so the default int4 still exports a 7B model on a 24 GiB machine; `check_fits` r
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from perch.errors import PerchError
+from perch.runtimes.base import available_bytes
 
 CHUNK = 128
 # 384 x 128 tokens: on Falcon-Mamba's fixture, 64 windows gave mean KL 0.00399, 384 gave 0.00382.
@@ -45,23 +45,12 @@ def _text(path: str | Path | None) -> tuple[str, str]:
     return p.read_text(encoding="utf-8", errors="replace"), str(p)
 
 
-def _available_bytes() -> int:
-    """MemAvailable (free plus reclaimable page cache): "free" alone is near zero on a busy machine."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # no /proc (macOS): total memory
-
-
 def too_large(ckpt) -> str | None:
     """Why this model cannot be calibrated in the memory available now, or None when it can."""
     params = sum(t.numel() for t in ckpt.state_dict.values())
     widest = max((t.shape[1] for t in ckpt.state_dict.values() if t.ndim == 2), default=0)
     need = 4 * params + 8 * widest * widest * (ckpt.config.num_hidden_layers * 4 + 1)
-    avail = _available_bytes()
+    avail = available_bytes()
     if need > FIT_FRACTION * avail:
         return (f"calibrating needs ~{need / 2**30:.1f} GiB (fp32 model + input Hessians) and "
                 f"{avail / 2**30:.1f} GiB is free")

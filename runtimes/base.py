@@ -5,12 +5,25 @@ left padding), per-row positions, the context limit, and input checks. A backend
 """
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
+from pathlib import Path
 
 import numpy as np
 
 from perch.errors import PerchError
 from perch.spec import MASK_MIN, ModelIO
+
+
+def available_bytes() -> int:
+    """MemAvailable (free plus reclaimable page cache): "free" alone is near zero on a busy machine."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # no /proc (macOS): total memory
 
 
 class Runtime(ABC):

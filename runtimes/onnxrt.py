@@ -19,7 +19,7 @@ import numpy as np
 
 from perch.errors import PerchError
 from perch.spec import LOGITS_TO_KEEP, Manifest
-from perch.runtimes.base import Runtime, model_inputs
+from perch.runtimes.base import Runtime, available_bytes, model_inputs
 from perch.runtimes.onnx_session import DEFAULT_WORKLOAD, PREFILL_CHUNK, apply as apply_workload
 
 ORT_TYPES = {"tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(float)": "float32",
@@ -129,6 +129,25 @@ def check_files(directory: Path, manifest: Manifest) -> Path:
     return path
 
 
+# ONNX Runtime's x86 CPU kernels compute fp16 graphs in fp32: its cast insertion upcasts every fp16 weight at
+# load. falcon-mid fp16 (417 MiB of weights): +611 MiB at session creation, 919 MiB peak; a 13.4 GB Falcon-7B
+# fp16 export was killed by the kernel at 18.8 GB on a 24 GiB machine (BENCHMARKS.md, issue 12).
+FP16_ON_CPU = 2.2  # peak memory / fp16 weight bytes, as measured above
+
+
+def check_fp16_fits(directory: Path, manifest: Manifest) -> None:
+    """Refuse, before ORT is asked, an fp16 export that cannot fit in this machine's memory on the CPU."""
+    if manifest.dtype != "fp16" or manifest.quantization.get("method", "none") != "none":
+        return
+    weights = sum((directory / f).stat().st_size for f in (manifest.files or [manifest.model_file or "model.onnx"]))
+    need, avail = FP16_ON_CPU * weights, available_bytes()
+    if need > avail:
+        raise PerchError(
+            f"{directory}: an fp16 ONNX export of {weights / 1e9:.1f} GB runs on ONNX Runtime's CPU kernels in fp32, "
+            f"which needs ~{need / 1e9:.0f} GB here and {avail / 1e9:.0f} GB is available. Run it on a GPU "
+            "(--device cuda), or export for the CPU with `perch export ... --to onnx --quantize int4` (or int8)")
+
+
 def split_fused_kv(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """transformers.js' fused "key_value.i" (K then V on the last axis) -> the canonical "key.i", "value.i"."""
     out = {}
@@ -180,7 +199,10 @@ class OnnxRuntime(Runtime):
         self.vocab_size = int(self.manifest.hf_config["vocab_size"])
         self.max_context = int(self.manifest.max_context)
         self.device, self.device_id = parse_device(device)
-        self.session = open_session(check_files(self.path, self.manifest), providers_for(device), threads, workload)
+        model_file = check_files(self.path, self.manifest)
+        if self.device == "cpu":
+            check_fp16_fits(self.path, self.manifest)
+        self.session = open_session(model_file, providers_for(device), threads, workload)
         check_graph(self.session, self.manifest)
         check_context(self.session, self.manifest)
         self.input_names = self.manifest.names("input")

@@ -279,6 +279,19 @@ def test_missing_external_data(artifacts, tmp_path):
         OnnxRuntime(path)
 
 
+def test_fp16_export_too_large_for_cpu_memory_is_refused_by_name(artifacts, monkeypatch):
+    """ORT's CPU kernels upcast fp16 weights to fp32 at load: a 7B fp16 export was OOM-killed at 18.8 GB.
+    Refused before ORT is asked when it cannot fit; loads when it can; quantized fp16 graphs are not fp16 weights."""
+    from perch.runtimes import onnxrt
+
+    OnnxRuntime(artifacts("falcon-tiny", "fp16")).close()
+    monkeypatch.setattr(onnxrt, "available_bytes", lambda: 1)  # tiny weights: any need exceeds it
+    with pytest.raises(PerchError, match=r"fp16 ONNX export .* --quantize int4") as err:
+        OnnxRuntime(artifacts("falcon-tiny", "fp16"))
+    assert "GB is available" in str(err.value)
+    OnnxRuntime(artifacts("falcon-tiny", "fp16-int4")).close()  # int4 weights: no fp16 table to upcast
+
+
 def test_manifest_that_does_not_match_the_graph(artifacts, tmp_path):
     path = _copy(artifacts("falcon-tiny"), tmp_path / "mismatch")
     raw = json.loads((path / "manifest.json").read_text())

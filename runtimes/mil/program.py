@@ -65,9 +65,11 @@ def _packed_blob(weights: Path, spec: Any, shape: tuple[int, ...], prim: Any) ->
     with open(file, "rb") as f:
         f.seek(spec.offset)
         sentinel, _, nbytes, data_offset = struct.unpack("<IIQQ", f.read(24))
-    if sentinel != BLOB_SENTINEL:
-        raise PerchError(f"{file}: no weight record at offset {spec.offset}; the package is damaged, re-export it")
-    return PackedBlob(file, data_offset, nbytes, prim.get_bitwidth(), not prim.is_unsigned(), shape)
+    nbits = prim.get_bitwidth()
+    if sentinel != BLOB_SENTINEL or nbytes * 8 < int(np.prod(shape)) * nbits:
+        raise PerchError(f"{file}: no weight record for a {shape} uint{nbits} tensor at offset {spec.offset}; "
+                         "the package is damaged: re-export it or copy the whole .mlpackage again")
+    return PackedBlob(file, data_offset, nbytes, nbits, not prim.is_unsigned(), shape)
 
 
 @contextlib.contextmanager

@@ -104,16 +104,16 @@ def test_chunked_prefill_continues_the_state(int4_export):
     np.testing.assert_allclose(whole.step(np.array([3])), chunked.step(np.array([3])), atol=1e-4)
 
 
-def test_depthwise_conv_is_rewritten_and_exact(load_preset, tmp_path):
-    """Falcon-Mamba's causal conv leaves the graph as Slice/Mul/Add, with the logits of the Conv graph."""
+def _with_and_without_rewrites(ckpt, tmp_path):
+    """The graph built without and with exporter/onnx_fuse.py's rewrites: (paths, outputs of a prefill and a
+    decode-sized call each)."""
     import onnxruntime as ort
     import onnx_ir as ir
     import torch
 
     from perch.exporter import onnx_fuse
 
-    ckpt = load_preset("falcon-mamba-tiny")
-    outs = []
+    paths, outs = [], []
     for rewrite in (False, True):
         real = onnx_fuse.apply
         if not rewrite:
@@ -122,19 +122,50 @@ def test_depthwise_conv_is_rewritten_and_exact(load_preset, tmp_path):
             model, _ = to_onnx.build_graph(ckpt, 64, torch.float32)
         finally:
             onnx_fuse.apply = real
-        assert any(n.op_type == "Conv" for n in model.graph) != rewrite
         path = tmp_path / f"c{rewrite}.onnx"
         ir.save(model, path)
+        paths.append(path)
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        for t in (7, 1):  # a prefill and a decode-sized call
+        for t in (7, 1):  # from an empty K,V cache (past length 0), random conv/SSM states
             feeds = {"input_ids": np.arange(1, t + 1).reshape(1, t), "attention_mask": np.ones((1, t), np.int64)}
             for i, x in enumerate(sess.get_inputs()[2:]):
-                shape = [1 if isinstance(d, str) else d for d in x.shape]
+                if x.name == "position_ids":
+                    feeds[x.name] = np.arange(t).reshape(1, t)
+                    continue
+                shape = [(0 if d.startswith("past") else 1) if isinstance(d, str) else d for d in x.shape]
                 feeds[x.name] = np.random.default_rng(i).standard_normal(shape).astype(np.float32)
             outs.append(sess.run(None, feeds))
     for a, b in zip(outs[:2], outs[2:]):
         for x, y in zip(a, b):
             np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
+    return paths
+
+
+def _ops(path) -> list[str]:
+    return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+
+
+def test_depthwise_conv_is_rewritten_and_exact(load_preset, tmp_path):
+    """Falcon-Mamba's causal conv leaves the graph as Slice/Mul/Add, with the logits of the Conv graph."""
+    before, after = _with_and_without_rewrites(load_preset("falcon-mamba-tiny"), tmp_path)
+    assert "Conv" in _ops(before) and "Conv" not in _ops(after)
+
+
+@pytest.mark.parametrize("preset", ["falcon-mamba-tiny", "falcon-h1-tiny"])
+def test_rms_norms_reach_ort_as_one_fused_kernel(preset, load_preset, tmp_path):
+    """x * Reciprocal(Sqrt(v)) becomes x / Sqrt(v), with the same logits, and ORT then fuses the weighted RMS
+    norms into SimplifiedLayerNormalization (it skips the Reciprocal form: none were fused before)."""
+    import onnxruntime as ort
+
+    paths = _with_and_without_rewrites(load_preset(preset), tmp_path)
+    fused = []
+    for path in paths:
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        fused.append(_ops(opts.optimized_model_filepath).count("SimplifiedLayerNormalization"))
+    assert "Reciprocal" in _ops(paths[0]) and "Reciprocal" not in _ops(paths[1])
+    assert fused[0] == 0 and fused[1] > 0, fused
 
 
 def test_logits_to_keep_is_optional_and_keeps_the_last_row(int4_export):

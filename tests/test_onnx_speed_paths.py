@@ -153,19 +153,22 @@ def test_depthwise_conv_is_rewritten_and_exact(load_preset, tmp_path):
 
 @pytest.mark.parametrize("preset", ["falcon-mamba-tiny", "falcon-h1-tiny"])
 def test_rms_norms_reach_ort_as_one_fused_kernel(preset, load_preset, tmp_path):
-    """x * Reciprocal(Sqrt(v)) becomes x / Sqrt(v), with the same logits, and ORT then fuses the weighted RMS
-    norms into SimplifiedLayerNormalization (it skips the Reciprocal form: none were fused before)."""
+    """x * Reciprocal(Sqrt(v)) becomes x / Sqrt(v) (weightless norms times ones), with the same logits, and ORT
+    then fuses every RMS norm into SimplifiedLayerNormalization (it skips the Reciprocal form: none before)."""
     import onnxruntime as ort
 
     paths = _with_and_without_rewrites(load_preset(preset), tmp_path)
-    fused = []
+    fused, pows = [], []
     for path in paths:
         opts = ort.SessionOptions()
         opts.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
         ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        fused.append(_ops(opts.optimized_model_filepath).count("SimplifiedLayerNormalization"))
+        ops = _ops(opts.optimized_model_filepath)
+        fused.append(ops.count("SimplifiedLayerNormalization"))
+        pows.append(ops.count("Pow"))
     assert "Reciprocal" in _ops(paths[0]) and "Reciprocal" not in _ops(paths[1])
-    assert fused[0] == 0 and fused[1] > 0, fused
+    # every norm fused, the weightless ones (scaled by ones) too: no Pow (x^2) is left for ORT to run
+    assert fused[0] == 0 and fused[1] == pows[0] and pows[1] == 0, (fused, pows)
 
 
 def test_logits_to_keep_is_optional_and_keeps_the_last_row(int4_export):

@@ -197,7 +197,10 @@ def terminate_as_exit() -> Iterator[None]:
         raise _Terminated(128 + signum)
 
     seen_before = len(_received)  # nested blocks (a cache entry built while staging) keep the outer's record
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    # A signal found ignored stays ignored: nohup, and a script's background jobs, which the shell starts with
+    # SIGINT ignored so that a Ctrl-C meant for the foreground does not stop them.
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:

@@ -60,15 +60,38 @@ class _SwallowsSignals:
         signal.raise_signal(self.sig)
 
 
+@pytest.fixture
+def interactive_sigint():
+    """SIGINT as an interactive shell leaves it (a script's background job starts with it ignored)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the lost exception, on purpose
 @pytest.mark.parametrize("sig,exc", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, SystemExit)])
-def test_a_signal_lost_in_a_destructor_still_stops_the_commit(tmp_path, sig, exc):
+def test_a_signal_lost_in_a_destructor_still_stops_the_commit(tmp_path, sig, exc, interactive_sigint):
     out = fake_artifact(tmp_path / "out", "old")
     with pytest.raises(exc), staged_dir(out, overwrite=True) as tmp:
         (tmp / "manifest.json").write_text((out / "manifest.json").read_text().replace("old", "new"))
         _SwallowsSignals(sig)  # collected at once: the signal's exception is lost inside __del__
     assert json.loads((out / "manifest.json").read_text())["tag"] == "old" and os.listdir(tmp_path) == ["out"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers are restored after
+
+
+def test_an_ignored_sigint_stays_ignored_while_staging(tmp_path):
+    """Under nohup or as a script's background job SIGINT is ignored: staging neither catches nor restores it."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        out = tmp_path / "out"
+        with staged_dir(out) as tmp:
+            (tmp / "manifest.json").write_text(json.dumps({"tag": "new"}))
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGINT)  # ignored: the export goes on and commits
+        assert json.loads((out / "manifest.json").read_text())["tag"] == "new"
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 @pytest.mark.parametrize("make,needle", [

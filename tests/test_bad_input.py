@@ -286,9 +286,12 @@ def test_bad_input_exits_2_names_problem_and_fix_and_touches_nothing(tmp_path, m
 
 # ---------------------------------------------------------------- the destination under stress
 def _perch(*args: str) -> subprocess.Popen:
+    """perch as a user's foreground command: SIGINT at its default even when this suite runs as a background
+    job (which inherits SIGINT ignored, and Perch then rightly leaves it ignored)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "perch.cli", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_partial(parent: Path, proc: subprocess.Popen, timeout: float = 120) -> Path:

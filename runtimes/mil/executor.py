@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy as np
 
 from perch.errors import PerchError
 from perch.runtimes.mil import ops as mil_ops
-from perch.runtimes.mil.program import MilProgram, MilTensor, PackedBlob
+from perch.runtimes.mil.program import MilProgram, MilTensor, PackedBlob, weight_bytes
 from perch.runtimes.mil.shapes import check_default_shapes
 
 __all__ = ["MilExecutor", "MilProgram", "MilTensor", "load_program", "program_op_types", "unsupported_ops"]
@@ -59,14 +58,9 @@ LAZY_ABOVE = 1 << 30  # weight bytes above which weights are dequantized per use
 LAZY_TENSOR = 1 << 12  # fp16 consts at least this many values stay fp16 and are upcast per use in lazy mode
 
 
-def _weight_bytes(package: Any) -> int:
-    weights = Path(package) / "Data" / "com.apple.CoreML" / "weights"
-    return sum(p.stat().st_size for p in weights.glob("*") if p.is_file()) if weights.is_dir() else 0
-
-
 def load_program(path: str | os.PathLike) -> MilProgram:
     """Load a package to run: a large one (lazy weights) keeps its sub-byte codes packed in the weight file."""
-    return MilProgram.load(path, packed=_weight_bytes(path) > LAZY_ABOVE)
+    return MilProgram.load(path, packed=weight_bytes(path) > LAZY_ABOVE)
 
 
 def _keys_used(step: _Step) -> set[str]:
@@ -155,7 +149,7 @@ class MilExecutor:
         # use, instead of holding every weight dequantized and in fp32 from load (4x a 7B fp16 program).
         # Sub-byte codes then stay packed in the memory-mapped weight file until an op unpacks them.
         self.program = path if isinstance(path, MilProgram) else load_program(path)
-        self.lazy = _weight_bytes(self.program.path) > LAZY_ABOVE if lazy_weights is None else lazy_weights
+        self.lazy = weight_bytes(self.program.path) > LAZY_ABOVE if lazy_weights is None else lazy_weights
         self._lazy_consts: dict[str, Any] = {}
         self.function_name = function_name or self.program.default_function
         fn = self.program.function(self.function_name)

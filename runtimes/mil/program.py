@@ -23,6 +23,12 @@ WEIGHTS_DIR = Path("Data/com.apple.CoreML/weights")
 BLOB_SENTINEL = 0xDEADBEEF  # first word of each blob's metadata record in a MIL weight file
 
 
+def weight_bytes(package: str | os.PathLike) -> int:
+    """Bytes in a package's weight files (0 when it has none)."""
+    weights = Path(package) / WEIGHTS_DIR
+    return sum(p.stat().st_size for p in weights.glob("*") if p.is_file()) if weights.is_dir() else 0
+
+
 @dataclass(frozen=True)
 class PackedBlob:
     """A sub-byte weight (uint4 codes, palette indices) left packed in the package's weight file.

@@ -5,7 +5,8 @@ checkpoint and reports wall time, CPU time, peak RSS and peak anonymous memory (
 20 ms: the memory-mapped checkpoint pages are not the limit, anonymous memory is) and the artifact's
 size; a second child loads the artifact and runs it (ONNX Runtime, 2 threads: a 64-token prefill and 16
 decode steps; Core ML in Perch's MIL executor: one decode step after a 1-token prefill), reporting
-ms/token and peak RSS. Artifacts are deleted once measured (disk). JSON rows accumulate in
+ms/token and peak RSS. With --check, a third child runs the full-depth check: `perch check` of the artifact
+against transformers in bf16 on the CPU, one short prompt, 8 teacher-forced tokens. Artifacts are deleted once measured (disk). JSON rows accumulate in
 benchmarks/results/full_size-MODEL.json (a rerun of a row replaces it).
 
     nice -n 10 python benchmarks/full_size.py --model falcon-7b --rows onnx-int4,coreml-int4
@@ -112,6 +113,25 @@ def child_run(row: str, out: Path) -> dict:
             "run_peak_anon_mb": round(anon.stop()), "logits_finite": finite}
 
 
+def child_check(model: str, out: Path) -> dict:
+    """The full-depth teacher-forced check (issue 12): the artifact against transformers in bf16 on the CPU,
+    one short prompt and 8 reference tokens, with `perch check`'s bf16-reference limits."""
+    from perch.dev.presets import preset_dir
+    from perch.validate.runner import check_artifact
+
+    prompts = out.parent / f"{out.name}-prompt.txt"
+    prompts.write_text("The capital of France is\n")
+    anon, t0 = PeakAnon(), time.perf_counter()
+    report = check_artifact(out, reference=str(preset_dir(model)), prompts=prompts, max_new_tokens=8,
+                            reference_dtype="bfloat16", quiet=True)
+    wall = time.perf_counter() - t0
+    worst = {k: report.overall.get(k) for k in ("max_abs", "rel_l2", "max_kl", "mean_kl", "top1", "greedy_match")
+             if k in report.overall}
+    return {"check_passed": report.passed, "check_s": round(wall, 1), "check_peak_anon_mb": round(anon.stop()),
+            "check_reference": "transformers bfloat16, CPU", "check_tokens": 8, "check_overall": worst,
+            "check_failures": [str(f) for f in report.failures][:5]}
+
+
 def _child(kind: str, model: str, row: str, out: Path, timeout: int) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--model", model, "--rows", row, "--out-dir", str(out)]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -134,7 +154,7 @@ def _tail(log: Path, stdout: str = "") -> str:
     return " | ".join((text or stdout).strip().splitlines()[-12:])[-1500:]
 
 
-def measure(model: str, row: str, work: Path, timeout: int, keep: bool) -> dict:
+def measure(model: str, row: str, work: Path, timeout: int, keep: bool, check: bool = False) -> dict:
     out = work / f"{model}-{row}"
     shutil.rmtree(out, ignore_errors=True)
     result = {"model": model, "row": row, "backend": ROWS[row][0], "precision": ROWS[row][1], "quantize": ROWS[row][2],
@@ -142,6 +162,8 @@ def measure(model: str, row: str, work: Path, timeout: int, keep: bool) -> dict:
     result.update(_child("export", model, row, out, timeout))
     if "export_error" not in result:
         result.update(_child("run", model, row, out, timeout))
+        if check:
+            result.update(_child("check", model, row, out, timeout))
         target = TARGETS[result["backend"]]
         result["anon_target"] = target
         result["anon_within_target"] = result["anon_over_checkpoint"] <= target
@@ -201,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per child")
     ap.add_argument("--work", default=None, help="where artifacts are written (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the artifacts")
+    ap.add_argument("--check", action="store_true",
+                    help="also run the full-depth check: 8 teacher-forced tokens against transformers in bf16")
     ap.add_argument("--results", default=None, help="JSON path (default benchmarks/results/full_size-MODEL.json)")
     ap.add_argument("--table", action="store_true", help="print the stored results and exit")
     ap.add_argument("--markdown", action="store_true", help="print the stored results as BENCHMARKS.md's table")
@@ -209,9 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows = [r for r in args.rows.split(",") if r]
     if args.child:
-        fn = child_export if args.child == "export" else child_run
-        print(json.dumps(fn(args.model, rows[0], Path(args.out_dir)) if args.child == "export" else
-                         fn(rows[0], Path(args.out_dir))))
+        out = Path(args.out_dir)
+        fn = {"export": lambda: child_export(args.model, rows[0], out), "run": lambda: child_run(rows[0], out),
+              "check": lambda: child_check(args.model, out)}[args.child]
+        print(json.dumps(fn()))
         return 0
     path = Path(args.results) if args.results else ROOT / "benchmarks" / "results" / f"full_size-{args.model}.json"
     stored = json.loads(path.read_text()) if path.exists() else {"meta": meta(), "results": []}
@@ -222,8 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown row(s) {bad}; choose from {', '.join(ROWS)}")
     work = Path(args.work or tempfile.mkdtemp(prefix="perch-full-"))
+    work.mkdir(parents=True, exist_ok=True)
     for row in rows:
-        result = measure(args.model, row, work, args.timeout, args.keep)
+        result = measure(args.model, row, work, args.timeout, args.keep, args.check)
         stored["results"] = [r for r in stored["results"] if r["row"] != row] + [result]
         stored["meta"] = meta()
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from perch.dev.bnb import quantize_falcon, save_bnb_falcon
 from perch.errors import PerchError
 from perch.loading.lora import merge_adapter
 from perch.loading.checkpoint import build_hf_model, load_checkpoint, load_config, load_state_dict
@@ -82,41 +83,6 @@ def bnb():
     import bitsandbytes  # in the test extra: its CPU backend runs here, so these tests never skip
 
     return bitsandbytes
-
-
-def quantize_falcon(model, mode: str):
-    """bnb-quantize every FalconLinear by hand: transformers 5.23 only swaps modules of type exactly nn.Linear,
-    so its BitsAndBytesConfig leaves Falcon unquantized. bnb's own modules still serialize the weights."""
-    import bitsandbytes as bnb
-
-    for parent in list(model.modules()):
-        for cname, lin in list(parent.named_children()):
-            if type(lin).__name__ != "FalconLinear":
-                continue
-            args = (lin.in_features, lin.out_features, lin.bias is not None)
-            if mode == "int8":
-                q = bnb.nn.Linear8bitLt(*args, has_fp16_weights=False)
-                q.weight = bnb.nn.Int8Params(lin.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
-            else:
-                q = bnb.nn.Linear4bit(*args, compute_dtype=torch.float32, quant_type=mode, compress_statistics=True)
-                q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type=mode,
-                                             compress_statistics=True, module=q)
-            if lin.bias is not None:
-                q.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
-            setattr(parent, cname, q.to("cpu"))  # .to() quantizes
-    return model.eval()
-
-
-def save_bnb_falcon(model, path, mode):
-    from safetensors.torch import save_file
-    from transformers import BitsAndBytesConfig
-
-    sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
-    save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
-    q = BitsAndBytesConfig(load_in_8bit=True) if mode == "int8" else BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=mode, bnb_4bit_use_double_quant=True)
-    model.config.quantization_config = q.to_dict()
-    model.config.save_pretrained(path)
 
 
 def bnb_dense(bnb, module) -> torch.Tensor:

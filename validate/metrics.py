@@ -56,6 +56,13 @@ def row_top1(ref: np.ndarray, art: np.ndarray) -> np.ndarray:
     return (r.argmax(axis=-1) == a.argmax(axis=-1)).astype(np.float64)
 
 
+def row_top1_gap(ref: np.ndarray, art: np.ndarray) -> np.ndarray:
+    """How much lower the reference scores the artifact's pick than its own: 0.0 where they agree, and small
+    where a flip is between tokens the reference itself all but ties (random-weight models, flat logits)."""
+    r, a = _rows(ref, art)
+    return r.max(axis=-1) - r[np.arange(len(r)), a.argmax(axis=-1)]
+
+
 def row_topk(ref: np.ndarray, art: np.ndarray, k: int = 5) -> np.ndarray:
     """|top-k(ref) & top-k(art)| / k per row: 1.0 when both rank the same k tokens highest (any order)."""
     r, a = _rows(ref, art)

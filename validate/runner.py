@@ -144,6 +144,7 @@ def _check_prompt(art, ref, index: int, ids: np.ndarray, text: str | None, n: in
     state = metrics.state_divergence(ref.state(), art.state())
     steps = {name: fn(r, a).tolist() for name, (fn, _) in STEP_METRICS.items()}
     steps["top1"], steps["top5"] = metrics.row_top1(r, a).tolist(), metrics.row_topk(r, a, 5).tolist()
+    steps["top1_gap"] = metrics.row_top1_gap(r, a).tolist()
     # The scale-bound limits never sit below what rounding noise within the rel_l2 limit gives.
     steps["kl_floor"], steps["max_abs_floor"] = kl_floor(r, tol).tolist(), max_abs_floor(r, tol).tolist()
     # Up to the first argmax disagreement the free run equals the teacher-forced one; run it only after.

@@ -38,6 +38,7 @@ class Runtime(ABC):
     vocab_size: int
     max_context: int
     name: str = "runtime"
+    logit_bits: int | None = None  # significant bits of the logits as computed (8: a bf16 model); None: fp32 or unknown
 
     def reset(self, batch_size: int = 1) -> None:
         self.batch_size = batch_size

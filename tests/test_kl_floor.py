@@ -42,3 +42,36 @@ def test_the_floor_never_rescues_a_broken_artifact_and_leaves_quantized_limits_a
     assert not kl_floor(ref, tolerance_for_precision("int4")).any()
     small = kl_floor(ref / 8, TOL)
     assert np.allclose(kl_floor(ref, TOL), 64 * small)  # quadratic in the logits' scale
+
+
+def _bf16(x: np.ndarray) -> np.ndarray:
+    """Round float32 values to bfloat16 (nearest even), back in float32: what a bf16 model's logits are."""
+    import torch
+
+    return torch.from_numpy(np.asarray(x, dtype=np.float32)).bfloat16().float().numpy()
+
+
+def test_a_top1_flip_the_bf16_reference_cannot_order_is_a_tie_and_a_real_flip_is_not():
+    ref = np.zeros((3, 8), dtype=np.float32)
+    ref[:, 0], ref[:, 1] = 5.0, 5.0  # row 0: an exact tie in the reference (bf16 step at 5.0 is 2**-5)
+    ref[1, 1] = 5.0 - 2**-5  # row 1: one bf16 step below its top
+    ref[2, 1] = 5.0 - 2 * 2**-5  # row 2: two steps below: the reference does order these
+    art = ref.copy()
+    art[:, 1] += 0.1  # the artifact prefers token 1 in every row
+    assert np.array_equal(_bf16(ref), ref)
+    assert metrics.row_top1(ref, art).tolist() == [0.0, 0.0, 0.0]  # plain argmax: three flips
+    assert metrics.row_top1(ref, art, ref_bits=8).tolist() == [1.0, 1.0, 0.0]
+    assert metrics.row_top1(ref, art, ref_bits=24).tolist() == [1.0, 0.0, 0.0]  # fp32: only the exact tie
+    assert metrics.row_top1_gap(ref, art).tolist() == [0.0, 2**-5, 2**-4]
+
+
+def test_the_reference_runtime_reports_its_logit_grid(load_preset):
+    import torch
+
+    from perch.runtimes.pytorch.reference import ReferenceRuntime
+
+    ckpt = load_preset("falcon-tiny")
+    assert ReferenceRuntime(ckpt).logit_bits is None
+    bf16 = ReferenceRuntime(ckpt, dtype=torch.bfloat16)
+    logits = bf16.prefill(np.array([[1, 2, 3]]))
+    assert bf16.logit_bits == 8 and np.array_equal(_bf16(logits), logits)  # its logits are on that grid

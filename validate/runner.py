@@ -133,6 +133,7 @@ def _overall(prompts: list[PromptResult], n: int) -> dict:
         "max_abs": float(cat["max_abs"].max()), "rel_l2": float(cat["rel_l2"].max()),
         "cosine": float(cat["cosine"].min()), "max_kl": float(cat["kl"].max()), "mean_kl": float(cat["kl"].mean()),
         "top1": float(cat["top1"].mean()), "top5": float(cat["top5"].mean()),
+        "top1_ties": int(sum(sum(p.steps.get("top1_tie", [])) for p in prompts)),
         "greedy_match": float(np.mean([p.greedy_match / n for p in prompts])) if n else 1.0,
         "state_rel_l2": max((v.get("rel_l2", float("inf")) for p in prompts for v in p.state.values()), default=0.0),
     }
@@ -143,8 +144,10 @@ def _check_prompt(art, ref, index: int, ids: np.ndarray, text: str | None, n: in
     r, a, ref_tokens = _teacher_forced(art, ref, ids, n, progress)
     state = metrics.state_divergence(ref.state(), art.state())
     steps = {name: fn(r, a).tolist() for name, (fn, _) in STEP_METRICS.items()}
-    steps["top1"], steps["top5"] = metrics.row_top1(r, a).tolist(), metrics.row_topk(r, a, 5).tolist()
-    steps["top1_gap"] = metrics.row_top1_gap(r, a).tolist()
+    # a flip the reference's own logit rounding cannot order is a tie, not a disagreement (metrics.row_top1)
+    steps["top1"] = metrics.row_top1(r, a, getattr(ref, "logit_bits", None)).tolist()
+    steps["top5"], steps["top1_gap"] = metrics.row_topk(r, a, 5).tolist(), metrics.row_top1_gap(r, a).tolist()
+    steps["top1_tie"] = (metrics.row_top1(r, a) < np.asarray(steps["top1"])).astype(np.float64).tolist()
     # The scale-bound limits never sit below what rounding noise within the rel_l2 limit gives.
     steps["kl_floor"], steps["max_abs_floor"] = kl_floor(r, tol).tolist(), max_abs_floor(r, tol).tolist()
     # Up to the first argmax disagreement the free run equals the teacher-forced one; run it only after.

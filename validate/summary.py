@@ -63,6 +63,9 @@ def summary_text(report) -> str:
     lines = [head, f"  artifact:  {_describe(report.artifact)}", f"  reference: {_describe(report.reference)}",
              f"  limits:    {report.tolerances.precision}", ""]
     lines += [f"  {label:<26}{value:>11}  {limit:<14}{v}" for label, value, limit, v in _metric_rows(report)]
+    if report.overall.get("top1_ties"):
+        lines.append(f"  ({report.overall['top1_ties']} top-1 flip(s) inside one step of the reference's own logit "
+                     "rounding: ties it cannot order, counted as agreeing)")
     drift = report.first_drift
     if drift:
         lines.append(f"\nfirst drift: prompt {drift['prompt']}, step {drift['step']} ({drift['phase']}): "

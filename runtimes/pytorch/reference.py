@@ -30,6 +30,8 @@ class ReferenceRuntime(Runtime):
         self.checkpoint, self.arch, self.config = ckpt, ckpt.arch, ckpt.config
         self.arch_mod = arch_module(ckpt.arch)
         self.device, self.dtype = torch.device(device), dtype
+        # the check treats a top-1 flip inside one step of this grid as a tie (bf16: 8 bits, fp16: 11)
+        self.logit_bits = {torch.bfloat16: 8, torch.float16: 11}.get(dtype)
         self.model = build_hf_model(ckpt.config, ckpt.state_dict, device=device, dtype=dtype).eval()
         self.vocab_size = ckpt.config.vocab_size
         self.max_context = max_context or getattr(ckpt.config, "max_position_embeddings", None) or 1 << 20

@@ -153,6 +153,14 @@ def test_streamed_preset_writer_matches_the_model_layout(tmp_path):
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
+def _in_mapped_file(v) -> bool:
+    import mmap
+
+    while getattr(v, "base", None) is not None:
+        v = v.base
+    return isinstance(v, mmap.mmap)
+
+
 @pytest.mark.parametrize("quantize", ["none", "int4"])
 def test_lazy_weights_give_the_same_numbers(quantize, tmp_path, load_preset):
     """The executor's large-model mode (weights dequantized and upcast per use, freed after their last use,
@@ -166,6 +174,9 @@ def test_lazy_weights_give_the_same_numbers(quantize, tmp_path, load_preset):
         blobs = [v for v in ex._lazy_consts.values() if isinstance(v, PackedBlob)]
         # int4: every quantized weight's codes and uint4 offsets stay packed (9 weights in falcon-tiny)
         assert len(blobs) == (2 * 9 if quantize == "int4" and prog is packed and lazy else 0)
+        # fp16: the packed load leaves every large weight in the memory-mapped file, none copied
+        mapped = [v for v in ex._lazy_consts.values() if _in_mapped_file(v)]
+        assert bool(mapped) == (quantize == "none" and prog is packed and lazy)
         state = ex.make_state()
         outs.append([ex.predict(_feeds(prog, np.array([[1, 2, 3]]), 3), state)["logits"],
                      ex.predict(_feeds(prog, np.array([[4]]), 4), state)["logits"], state])

@@ -90,3 +90,25 @@ def test_recipe_choices_by_tensor():
     assert r.choice("lm_head.weight", "linear", 32).algorithm == "gptq"
     assert RECIPES["int4-mixed"].choice("lm_head.weight", "linear", 32).block == 16
     assert RECIPES["int4-rtn"].choice("backbone.layers.0.mixer.dt_proj.weight", "linear", 32) is None
+
+
+@pytest.mark.parametrize("dist", ["normal", "student"])
+def test_palettize_kmeans_is_a_converged_lloyd_fixed_point_and_beats_uniform(dist):
+    from perch.exporter.coreml_compress import kmeans_lut
+
+    rng = np.random.default_rng(1)
+    raw = rng.standard_normal((16, 512)) if dist == "normal" else rng.standard_t(3, (16, 512))
+    group = (raw * 0.02).astype(np.float16)
+    lut, codes = kmeans_lut(group)
+    x = group.reshape(-1).astype(np.float64)
+    assert lut.dtype == group.dtype and lut.shape == (16,) and codes.dtype == np.uint8 and codes.shape == x.shape
+    centres = lut.astype(np.float64)
+    assert np.all(np.diff(centres) >= 0)
+    # every value sits in its nearest centre, and every centre is the mean of its values (to fp16 rounding)
+    nearest = np.abs(x[:, None] - centres[None, :]).min(axis=1)
+    assert np.allclose(np.abs(x - centres[codes]), nearest, atol=1e-4)
+    for c in np.unique(codes):
+        assert abs(x[codes == c].mean() - centres[c]) <= 2e-3 * max(abs(centres[c]), 1e-2)
+    uniform = np.linspace(x.min(), x.max(), 16)
+    mse_uniform = (np.abs(x[:, None] - uniform[None, :]).min(axis=1) ** 2).mean()
+    assert ((x - centres[codes]) ** 2).mean() < 0.7 * mse_uniform

@@ -108,6 +108,10 @@ DEFAULTS: dict[str, Tolerances] = {
                    basis="Falcon fixture, int4-rtn: rel_l2 0.064, max KL 7.9e-3, mean KL 2.5e-3, top-1 0.939"),
         # Falcon (Core ML palettize4, per-tensor k-means eager): rel_l2 0.125, cosine 0.995, max KL 0.014,
         # mean KL 4.0e-3, top-1 0.906, top-5 0.956, state 0.087. broken max KL 0.16 and 1.6.
+        # Perch's 1-D k-means palette (2026-12-03, measure_tolerances.py --archs falcon falcon_mamba --only
+        # "coreml fp16 palettize4", beside coremltools' k-means in the same state of the tree): Falcon rel_l2
+        # 0.102 (0.090), max KL 0.011 (0.014), mean KL 3.7e-3 (4.0e-3), top-1 0.910 (0.906); Falcon-Mamba
+        # rel_l2 0.325 (0.248), max KL 0.048 (0.041), mean KL 8.0e-3 (8.5e-3), top-1 0.926 (0.926), state 0.125.
         Tolerances("palettize4", max_abs=None, rel_l2=0.4, min_cosine=0.97, max_kl=0.08, mean_kl=0.02,
                    min_top1=0.8, min_top5=0.85, min_greedy_match=None, state_rel_l2=0.35, hidden_rel_l2=0.35,
                    basis="Falcon fixture, palettize4: rel_l2 0.125, max KL 0.014, mean KL 4.0e-3, top-1 0.906"),

@@ -64,14 +64,44 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def child_export(model: str, row: str, out: Path) -> dict:
+def bnb_checkpoint(model: str, work: Path) -> tuple[Path, dict]:
+    """The preset quantized by bitsandbytes itself (nf4, double quant) and saved in its format: the checkpoint
+    a user of a QLoRA-style 4-bit Falcon has. Written once under `work`; -> (dir, what writing it cost)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from perch.dev.bnb import quantize_falcon, save_bnb_falcon
+    from perch.dev.presets import preset_dir
+
+    final = work / f"{model}-bnb-nf4"
+    if (final / "config.json").is_file():
+        return final, {}
+    src, tmp = preset_dir(model), work / f".{model}-bnb-nf4.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    anon, t0, c0 = PeakAnon(), time.perf_counter(), _cpu_s()
+    with torch.no_grad():
+        hf = quantize_falcon(AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16), "nf4", torch.bfloat16)
+        save_bnb_falcon(hf, tmp, "nf4")
+    del hf
+    for f in src.iterdir():  # the tokenizer files
+        if f.is_file() and not (tmp / f.name).exists() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+            shutil.copy2(f, tmp / f.name)
+    cost = {"bnb_write_s": round(time.perf_counter() - t0, 1), "bnb_write_cpu_s": round(_cpu_s() - c0, 1),
+            "bnb_write_peak_anon_mb": round(anon.stop()), "bnb_checkpoint_bytes": _dir_bytes(tmp)}
+    tmp.rename(final)
+    return final, cost
+
+
+def child_export(model: str, row: str, out: Path, source: str = "preset") -> dict:
     import torch
 
     from perch.dev.presets import preset_dir
     from perch.exporter.export import export, options_for
 
     backend, precision, quantize, extra = ROWS[row]
-    ckpt_dir = preset_dir(model)
+    # the bnb checkpoint was written by its own child, so this one's peak RSS is the export's alone
+    ckpt_dir = bnb_checkpoint(model, out.parent)[0] if source == "bnb-nf4" else preset_dir(model)
     ckpt_bytes = sum(p.stat().st_size for p in ckpt_dir.glob("*.safetensors"))
     anon, t0, c0 = PeakAnon(), time.perf_counter(), _cpu_s()
     with torch.no_grad():
@@ -82,7 +112,8 @@ def child_export(model: str, row: str, out: Path) -> dict:
             round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), "export_peak_anon_mb": peak_anon,
             "checkpoint_bytes": ckpt_bytes, "artifact_bytes": _dir_bytes(out),
             "anon_over_checkpoint": round(peak_anon * 2**20 / ckpt_bytes, 3),
-            "pieced": manifest.extras.get("pieced"), "quantization": manifest.quantization.get("method")}
+            "pieced": manifest.extras.get("pieced"), "quantization": manifest.quantization.get("method"),
+            "source": source, "source_dequantized_from": manifest.source.get("dequantized_from")}
 
 
 def child_run(row: str, out: Path) -> dict:
@@ -125,15 +156,26 @@ def child_check(model: str, out: Path) -> dict:
     report = check_artifact(out, reference=str(preset_dir(model)), prompts=prompts, max_new_tokens=8,
                             reference_dtype="bfloat16", quiet=True)
     wall = time.perf_counter() - t0
-    worst = {k: report.overall.get(k) for k in ("max_abs", "rel_l2", "max_kl", "mean_kl", "top1", "greedy_match")
+    worst = {k: report.overall.get(k) for k in ("max_abs", "rel_l2", "max_kl", "mean_kl", "top1", "top1_ties", "greedy_match")
              if k in report.overall}
     return {"check_passed": report.passed, "check_s": round(wall, 1), "check_peak_anon_mb": round(anon.stop()),
             "check_reference": "transformers bfloat16, CPU", "check_tokens": 8, "check_overall": worst,
-            "check_failures": [str(f) for f in report.failures][:5]}
+            "check_failures": [str(f) for f in report.failures][:5], "check_flips": _flips(report)}
 
 
-def _child(kind: str, model: str, row: str, out: Path, timeout: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--model", model, "--rows", row, "--out-dir", str(out)]
+def _flips(report) -> list[dict]:
+    """Each teacher-forced position whose argmax differs: how far below its own top-1 the reference scored
+    the artifact's pick, beside that position's largest logit difference, and whether the check counted it
+    as a tie of the reference's own rounding (metrics.row_top1)."""
+    return [{"prompt": p.index, "step": i, "ref_gap": round(gap, 5), "max_abs": round(p.steps["max_abs"][i], 5),
+             "tie": bool(p.steps["top1_tie"][i])}
+            for p in report.prompts for i, gap in enumerate(p.steps["top1_gap"])
+            if p.steps["top1"][i] < 1.0 or p.steps["top1_tie"][i]]
+
+
+def _child(kind: str, model: str, row: str, out: Path, timeout: int, source: str = "preset") -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--model", model, "--rows", row, "--out-dir", str(out),
+           "--source", source]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     # the child's log (progress lines of a half-hour quantizer run) goes to a file beside the artifact, live
     log = out.parent / f"{out.name}-{kind}.log"
@@ -154,12 +196,18 @@ def _tail(log: Path, stdout: str = "") -> str:
     return " | ".join((text or stdout).strip().splitlines()[-12:])[-1500:]
 
 
-def measure(model: str, row: str, work: Path, timeout: int, keep: bool, check: bool = False) -> dict:
-    out = work / f"{model}-{row}"
+def measure(model: str, row: str, work: Path, timeout: int, keep: bool, check: bool = False,
+            source: str = "preset") -> dict:
+    out = work / (f"{model}-{row}" + ("" if source == "preset" else f"-{source}"))
     shutil.rmtree(out, ignore_errors=True)
     result = {"model": model, "row": row, "backend": ROWS[row][0], "precision": ROWS[row][1], "quantize": ROWS[row][2],
               "variant": ROWS[row][3].get("variant", "default"), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    result.update(_child("export", model, row, out, timeout))
+    result["source"] = source
+    if source == "bnb-nf4":
+        result.update(_child("bnb", model, row, out, timeout, source))
+    # a failed bnb write is reported as this row's export error (the table shows why)
+    result.update({"export_error": "bnb: " + result["bnb_error"]} if "bnb_error" in result else
+                  _child("export", model, row, out, timeout, source))
     if "export_error" not in result:
         result.update(_child("run", model, row, out, timeout))
         if check:
@@ -181,18 +229,22 @@ def meta() -> dict:
             "python": platform.python_version(), **versions}
 
 
+def _label(r: dict) -> str:
+    return r["row"] + ("" if r.get("source", "preset") == "preset" else f" ({r['source']})")
+
+
 def table(rows: list[dict]) -> str:
     head = (f"{'model':<16} {'row':<18} {'export':>7} {'cpu s':>7} {'anon GB':>7} {'xckpt':>5} {'rss GB':>6} "
             f"{'size GB':>7} {'decode ms/tok':>13} {'prefill ms/tok':>14} {'run rss GB':>10}")
     out = [head, "-" * len(head)]
     for r in rows:
         if "export_error" in r:
-            out.append(f"{r['model']:<16} {r['row']:<18} EXPORT FAILED: {r['export_error'][-120:]}")
+            out.append(f"{r['model']:<16} {_label(r):<18} EXPORT FAILED: {r['export_error'][-120:]}")
             continue
         gb = lambda mb: f"{mb / 1024:.2f}"  # noqa: E731
         run = ("RUN FAILED" if "run_error" in r else
                f"{r['decode_ms_per_token']:>13} {r['prefill_ms_per_token']:>14} {gb(r['run_peak_rss_mb']):>10}")
-        out.append(f"{r['model']:<16} {r['row']:<18} {r['export_s']:>7} {r['export_cpu_s']:>7} "
+        out.append(f"{r['model']:<16} {_label(r):<18} {r['export_s']:>7} {r['export_cpu_s']:>7} "
                    f"{gb(r['export_peak_anon_mb']):>7} {r['anon_over_checkpoint']:>5} {gb(r['export_peak_rss_mb']):>6} "
                    f"{r['artifact_bytes'] / 2**30:>7.2f} {run}")
     return "\n".join(out)
@@ -204,13 +256,13 @@ def markdown(rows: list[dict]) -> str:
            "| decode ms/token | prefill ms/token | run peak RSS GB |", "|" + "---|" * 10]
     for r in rows:
         if "export_error" in r:
-            out.append(f"| {r['model']} | {r['row']} | export failed: {r['export_error'][-160:]} |||||||||")
+            out.append(f"| {r['model']} | {_label(r)} | export failed: {r['export_error'][-160:]} |||||||||")
             continue
         run = (f"run failed: {r['run_error'][-120:]} | | |" if "run_error" in r else
                f"{r['decode_ms_per_token']} ({r['decode_steps']} steps) | {r['prefill_ms_per_token']} "
                f"({r['prefill_tokens']} tokens) | {r['run_peak_rss_mb'] / 1024:.2f} |")
         mark = "within" if r["anon_within_target"] else "MISSED"
-        out.append(f"| {r['model']} | {r['row']} | {r['export_s']} | {r['export_cpu_s']} | "
+        out.append(f"| {r['model']} | {_label(r)} | {r['export_s']} | {r['export_cpu_s']} | "
                    f"{r['export_peak_anon_mb'] / 1024:.2f} ({r['anon_over_checkpoint']}x, <= {r['anon_target']}x: {mark}) | "
                    f"{r['export_peak_rss_mb'] / 1024:.2f} | {r['artifact_bytes'] / 2**30:.2f} | {run}")
     return "\n".join(out)
@@ -223,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per child")
     ap.add_argument("--work", default=None, help="where artifacts are written (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the artifacts")
+    ap.add_argument("--source", default="preset", choices=("preset", "bnb-nf4"),
+                    help="export the preset's bf16 checkpoint, or the preset quantized by bitsandbytes (nf4)")
     ap.add_argument("--check", action="store_true",
                     help="also run the full-depth check: 8 teacher-forced tokens against transformers in bf16")
     ap.add_argument("--results", default=None, help="JSON path (default benchmarks/results/full_size-MODEL.json)")
@@ -234,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for r in args.rows.split(",") if r]
     if args.child:
         out = Path(args.out_dir)
-        fn = {"export": lambda: child_export(args.model, rows[0], out), "run": lambda: child_run(rows[0], out),
+        fn = {"export": lambda: child_export(args.model, rows[0], out, args.source), "run": lambda: child_run(rows[0], out),
+              "bnb": lambda: bnb_checkpoint(args.model, out.parent)[1],
               "check": lambda: child_check(args.model, out)}[args.child]
         print(json.dumps(fn()))
         return 0
@@ -249,8 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="perch-full-"))
     work.mkdir(parents=True, exist_ok=True)
     for row in rows:
-        result = measure(args.model, row, work, args.timeout, args.keep, args.check)
-        stored["results"] = [r for r in stored["results"] if r["row"] != row] + [result]
+        result = measure(args.model, row, work, args.timeout, args.keep, args.check, args.source)
+        same = lambda r: (r["row"], r.get("source", "preset")) == (row, args.source)  # noqa: E731
+        stored["results"] = [r for r in stored["results"] if not same(r)] + [result]
         stored["meta"] = meta()
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(stored, indent=2) + "\n")

@@ -230,7 +230,11 @@ def _tie(block, piece: Piece, defined: dict[int, set[str]]) -> dict[str, str]:
 
 
 def join(parts: list[tuple[Piece, Path]], out: Path, progress=None) -> None:
-    """Join converted pieces into one package at `out`: one `main` function, one weight file."""
+    """Join converted pieces into one package at `out`: one `main` function, one weight file.
+
+    Consumes the pieces: each piece's weight file is deleted once its records are appended, so the disk holds
+    the package plus one piece at a time, not twice the package (a 14.5 GB Falcon-Mamba-7B fp16 export ran out
+    of disk joining with the pieces kept)."""
     first = _read_spec(parts[0][1])
     fn_name = next(iter(first.mlProgram.functions))
     fn = first.mlProgram.functions[fn_name]
@@ -258,6 +262,7 @@ def join(parts: list[tuple[Piece, Path]], out: Path, progress=None) -> None:
                 state_desc = list(spec.description.state)
             names.update(_tie(block, piece, defined))
             moved = _append_blob(path / WEIGHTS, blob, _blob_offsets(block))
+            (path / WEIGHTS).unlink()  # the pieces live in the export's own work dir (.pieces)
             count += len(moved)
             _rename_block(block, names, f"p{k}_", moved)
             defined[k] = {o.name for op in block.operations for o in op.outputs}

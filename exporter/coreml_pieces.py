@@ -138,11 +138,14 @@ def convert_pieces(ckpt, io: ModelIO, options: CoreMLOptions, max_context: int, 
             plan = plan_compression(model._mil_program, options.quantize, options.block_size, kinds,
                                     tied=tuple(piece.ties))
             tc.release_program(model)
-            model = apply_compression(model, plan, options.block_size, kinds, cal)
+            compressed = apply_compression(model, plan, options.block_size, kinds, cal)
+            tc.drop_temp_package(model)
+            model = compressed
             infos.append(plan.info)
         tc.release_program(model)
         path = work / f"piece{k:03d}.mlpackage"
         model.save(str(path))
+        tc.drop_temp_package(model)
         del model
         gc.collect()
         done.append((piece, path))

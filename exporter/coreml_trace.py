@@ -209,6 +209,19 @@ def weight_kinds(module: nn.Module) -> dict[str, str]:
     return kinds
 
 
+def drop_temp_package(model) -> None:
+    """Delete the temporary .mlpackage coremltools wrote for `model` (ct.convert and compression each write
+    one under the system temp dir), once its contents are saved elsewhere or compressed into a new model.
+
+    Why: coremltools removes them only at interpreter exit, so a pieced 7B export kept every piece's copy
+    until the end: ~200 MB per Falcon-Mamba-7B fp16 piece, 26 GB for its 132 pieces, beside the pieces and
+    the package themselves (measured: /tmp filled during the export)."""
+    import shutil
+
+    if getattr(model, "is_temp_package", False) and getattr(model, "package_path", None):
+        shutil.rmtree(model.package_path, ignore_errors=True)
+
+
 def release_program(model) -> None:
     """Drop an MLModel's in-memory program (its weights stay in the saved package on disk).
 

@@ -29,7 +29,8 @@ from perch.spec import Binding, Manifest, ModelIO
 
 from perch.exporter.coreml_trace import (  # noqa: F401 (re-exported: the backend's public names)
     NAMES, STATE_DTYPE, STATE_TARGETS, TARGET, TARGETS, _SAMPLE, _patch_frontend, check_state_writes, check_target,
-    compute_precision, coreml_inputs, coreml_states, convert_function, example_inputs, release_program, state_name,
+    compute_precision, coreml_inputs, coreml_states, convert_function, drop_temp_package, example_inputs, release_program,
+    state_name,
     state_writes,
     stateful_module, weight_kinds)
 
@@ -138,9 +139,13 @@ def _export_whole(ckpt: Checkpoint, io: ModelIO, options: CoreMLOptions, max_con
         if cal is not None:
             quantization["calibration"] = cal.info
         for name in parts:  # one function at a time: each reloads its weights from disk
-            parts[name] = apply_compression(parts[name], plans[name], options.block_size, kinds, cal)
+            compressed = apply_compression(parts[name], plans[name], options.block_size, kinds, cal)
+            drop_temp_package(parts[name])
+            parts[name] = compressed
             release_program(parts[name])
     _save(parts, out_dir / PACKAGE, scratch=out_dir)
+    for model in parts.values():
+        drop_temp_package(model)
     return quantization
 
 

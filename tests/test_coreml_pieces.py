@@ -4,6 +4,7 @@ same weights. Also: the progress reporter, and the streamed preset writer."""
 from __future__ import annotations
 
 import io
+import os
 from collections import Counter
 
 import numpy as np
@@ -73,14 +74,29 @@ def test_pieced_package_equals_the_one_piece_package(arch, precision, tmp_path, 
     assert set(_weights(tmp_path / "whole" / "model.mlpackage")) == set(_weights(tmp_path / "pieced" / "model.mlpackage"))
 
 
-def test_pieced_int4_quantizes_like_the_one_piece_export(tmp_path, load_preset):
+def test_pieced_int4_quantizes_like_the_one_piece_export(tmp_path, load_preset, monkeypatch):
     """The same int4 codes piece by piece as in one piece (same names, same recipe), a tied head included.
 
     The tiny preset ties its head to the embedding: one const in the one-piece program; pieced, the head is
-    compressed as the table is and joined onto the embedding piece's copy, and the manifest counts it once."""
+    compressed as the table is and joined onto the embedding piece's copy, and the manifest counts it once.
+    Neither export leaves coremltools' temporary packages behind (it deletes them only at exit)."""
+    import tempfile
+
+    made, real_mkdtemp = [], tempfile.mkdtemp
+    sys_tmp = tmp_path / "sys-tmp"
+    sys_tmp.mkdir()
+
+    def mkdtemp(suffix=None, prefix=None, dir=None):
+        path = real_mkdtemp(suffix, prefix, dir or str(sys_tmp))
+        made.append(path)
+        return path
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
     ckpt = load_preset("falcon-mamba-tiny")
     whole = _export(ckpt, tmp_path / "whole", False, precision="fp16", quantize="int4")
     pieced = _export(ckpt, tmp_path / "pieced", True, precision="fp16", quantize="int4")
+    packages = [p for p in made if p.endswith(".mlpackage")]
+    assert packages and not [p for p in packages if os.path.exists(p)]
     for key in ("compressed", "tensors"):
         assert pieced.quantization[key] == whole.quantization[key], key
     assert abs(pieced.quantization["bits_per_weight"] - whole.quantization["bits_per_weight"]) < 0.005

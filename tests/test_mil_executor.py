@@ -217,8 +217,11 @@ def compress(model, kind):
         cfg = cto.OpLinearQuantizerConfig(mode="linear", dtype="int4", granularity="per_block", block_size=32,
                                           weight_threshold=1024)
         return cto.linear_quantize_weights(model, q(cfg))
-    if kind == "palette4_kmeans":
-        return cto.palettize_weights(model, q(cto.OpPalettizerConfig(mode="kmeans", nbits=4, weight_threshold=1024)))
+    if kind == "palette4_kmeans":  # Perch's own k-means LUT (palettize4's), per tensor; no scikit-learn needed
+        from perch.exporter.coreml_compress import kmeans_lut
+
+        return cto.palettize_weights(model, q(cto.OpPalettizerConfig(mode="custom", lut_function=kmeans_lut,
+                                                                     weight_threshold=1024)))
     cfg = cto.OpPalettizerConfig(mode="uniform", nbits=4, granularity="per_grouped_channel", group_size=16,
                                  weight_threshold=1024)
     return cto.palettize_weights(model, q(cfg))

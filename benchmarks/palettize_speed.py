@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['distribution']:<12} {r['perch_ms']:>9.1f} {r.get('coremltools_ms', float('nan')):>15.1f} "
               f"{r.get('speedup', float('nan')):>9.1f} {r.get('mse_ratio', float('nan')):>22.3f}")
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or platform.machine(),
-            "cpus": __import__("os").cpu_count(), "python": platform.python_version(), "numpy": np.__version__}
+            "cpus": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__}
     Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.json}")
     return 0

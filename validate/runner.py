@@ -145,9 +145,9 @@ def _check_prompt(art, ref, index: int, ids: np.ndarray, text: str | None, n: in
     state = metrics.state_divergence(ref.state(), art.state())
     steps = {name: fn(r, a).tolist() for name, (fn, _) in STEP_METRICS.items()}
     # a flip the reference's own logit rounding cannot order is a tie, not a disagreement (metrics.row_top1)
-    steps["top1"] = metrics.row_top1(r, a, getattr(ref, "logit_bits", None)).tolist()
+    exact, top1 = metrics.row_top1(r, a), metrics.row_top1(r, a, getattr(ref, "logit_bits", None))
+    steps["top1"], steps["top1_tie"] = top1.tolist(), (top1 - exact).tolist()
     steps["top5"], steps["top1_gap"] = metrics.row_topk(r, a, 5).tolist(), metrics.row_top1_gap(r, a).tolist()
-    steps["top1_tie"] = (metrics.row_top1(r, a) < np.asarray(steps["top1"])).astype(np.float64).tolist()
     # The scale-bound limits never sit below what rounding noise within the rel_l2 limit gives.
     steps["kl_floor"], steps["max_abs_floor"] = kl_floor(r, tol).tolist(), max_abs_floor(r, tol).tolist()
     # Up to the first argmax disagreement the free run equals the teacher-forced one; run it only after.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import shutil
 import sys
 
@@ -119,6 +120,61 @@ def test_bnb_falcon_matches_bitsandbytes(bnb, mode, tmp_path):
     qmodel = quantize_falcon(make_model("falcon_grouped"), mode)
     save_bnb_falcon(qmodel, tmp_path, mode)
     check_against_bnb(bnb, qmodel, tmp_path, mode)
+
+
+def _mapped_files() -> dict[tuple[int, int], str]:
+    """(start, end) -> path of every file mapping of this process (Linux /proc/self/maps)."""
+    maps = {}
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6:
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            maps[(lo, hi)] = fields[5]
+    return maps
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_bnb_weights_spill_to_an_unlinked_mapped_file(bnb, mode, tmp_path, monkeypatch):
+    """A large checkpoint's dequantized weights are file-backed pages of a temporary file, not anonymous memory;
+    the values are the in-memory ones bit for bit, and the file's name is gone from the disk at once."""
+    import tempfile
+
+    from perch.loading import spill
+
+    save_bnb_falcon(quantize_falcon(make_model("falcon_grouped"), mode), tmp_path, mode)
+    held = load_state_dict(tmp_path, dtype=torch.bfloat16)
+    spill_dir = tmp_path / "tmp"
+    spill_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill_dir))
+    monkeypatch.setattr(spill, "SPILL_OVER", 0)  # the tiny checkpoint spills as a 7B one does
+    mapped = load_state_dict(tmp_path, dtype=torch.bfloat16)
+    assert list(spill_dir.iterdir()) == []
+    maps = _mapped_files()
+    spilled = [k for k in mapped if "quant" not in k and k.endswith(".weight") and "h." in k and ".mlp." in k]
+    assert spilled
+    for key in spilled:
+        ptr = mapped[key].data_ptr()
+        where = [path for (lo, hi), path in maps.items() if lo <= ptr < hi]
+        assert where and "perch-weights-" in where[0] and where[0].endswith("(deleted)"), (key, where)
+    assert held.keys() == mapped.keys()
+    for key in held:
+        assert held[key].dtype == mapped[key].dtype and torch.equal(held[key], mapped[key]), key
+
+
+def test_bnb_weights_stay_in_memory_without_room_for_the_file(tmp_path, monkeypatch):
+    import collections
+
+    from perch.loading import spill
+
+    save_bnb_falcon(quantize_falcon(make_model("falcon_grouped"), "nf4"), tmp_path, "nf4")
+    held = load_state_dict(tmp_path)
+    monkeypatch.setattr(spill, "SPILL_OVER", 0)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(spill.shutil, "disk_usage", lambda where: usage(1 << 40, 1 << 40, 10 << 20))
+    with pytest.warns(UserWarning, match="point TMPDIR at a disk with room"):
+        got = load_state_dict(tmp_path)
+    for key in held:
+        assert torch.equal(held[key], got[key]), key
 
 
 @pytest.mark.parametrize("mode", ["nf4", "int8"])

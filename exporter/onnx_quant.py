@@ -213,9 +213,9 @@ def quantize(model: ir.Model, method: str, block_size: int, *, embedding: str | 
     """Quantize `model` in place by the recipe `method` (quant_recipes.RECIPES); return the manifest's record.
 
     `calibration` (input Hessians) is needed by GPTQ recipes; without it their linear layers fall back to
-    the scale search, and the record says so. `tied`: the checkpoint's lm_head is its embedding; the head then
-    takes the embedding's choice, so both ops quantize the table to the same bytes and onnx_tie can store
-    one copy (counted once in bits per weight).
+    the scale search, and the record says so. `tied`: the checkpoint's lm_head is its embedding; both ops
+    then take the recipe's tied choice (the head's block), so they quantize the table to the same bytes and
+    onnx_tie can store one copy (counted once in bits per weight).
     """
     rec = recipe(method)
     t = _Tally({}, {}, {"quantized": 0, "bits": 0})
@@ -229,7 +229,7 @@ def quantize(model: ir.Model, method: str, block_size: int, *, embedding: str | 
             if kind == "MatMul":
                 head_count = _quantize_matmul(graph, node, rec, block_size, embedding, tied, calibration, t) or head_count
             elif kind == "Gather":
-                _quantize_gather(graph, node, rec, block_size, embedding, t)
+                _quantize_gather(graph, node, rec, block_size, embedding, tied, t)
     done, kept, params = t.done, t.kept, t.params
     model.opset_imports[MSFT] = 1
     note = None
@@ -258,7 +258,7 @@ def _quantize_matmul(graph: ir.Graph, node: ir.Node, rec, block_size: int, embed
     w = node.inputs[1]
     name = _display(w.name)
     shared = tied and embedding is not None and name == LM_HEAD
-    choice = rec.choice(_display(embedding) if shared else name, "embedding" if shared else "linear", block_size)
+    choice = rec.tied_choice(block_size) if shared else rec.choice(name, "linear", block_size)
     gptq_head = choice and choice.algorithm == "gptq" and not shared  # a shared table has no one Hessian
     hess = calib.hessian_for(calibration, name) if gptq_head else None
     if choice and choice.algorithm == "gptq" and hess is None:
@@ -273,9 +273,10 @@ def _quantize_matmul(graph: ir.Graph, node: ir.Node, rec, block_size: int, embed
     return counted if shared else None
 
 
-def _quantize_gather(graph: ir.Graph, node: ir.Node, rec, block_size: int, embedding: str, t: _Tally) -> None:
+def _quantize_gather(graph: ir.Graph, node: ir.Node, rec, block_size: int, embedding: str, tied: bool,
+                     t: _Tally) -> None:
     """Replace the embedding's Gather by GatherBlockQuantized (unless the hidden size does not fit a block)."""
-    choice = rec.choice(_display(embedding), "embedding", block_size)
+    choice = rec.tied_choice(block_size) if tied else rec.choice(_display(embedding), "embedding", block_size)
     if node.inputs[0].shape[1] % choice.block:
         t.kept[_display(embedding)] = f"hidden size is not a multiple of the {choice.block}-wide block"
         return

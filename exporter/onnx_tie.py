@@ -6,7 +6,7 @@ checkpoint ties them (transformers' `tie_word_embeddings`, the lm_head *is* the 
 quantize the same rows with the same blocks, so the bytes are identical: the scales and zero points have
 the same layout in both ops and only the packed weight's shape differs ((vocab, blocks, bytes) for
 MatMulNBits, (vocab, hidden*bits/8) for the gather). The gather reads the lm_head's copy through a Reshape.
-The quantizer gives the tied head the embedding's choice (onnx_quant.quantize(tied=True)), so the bytes match.
+Both ops take the recipe's tied choice, the head's block (onnx_quant.quantize(tied=True)), so the bytes match.
 For falcon-mid int4 that is 33 MiB of a 134 MB file.
 """
 from __future__ import annotations

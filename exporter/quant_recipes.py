@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 EMBEDDING_BLOCK = 16  # finer blocks for the embedding (see above); never coarser than the base block
 DT_PROJ = "mixer.dt_proj.weight"
+HEAD = "lm_head.weight"
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,23 @@ class Recipe:
             return Choice(self.bits, min(self.head_block, block), self.algorithm)
         return Choice(self.bits, block, self.algorithm)
 
+    def tied_choice(self, block: int) -> Choice:
+        """The choice for a table that is both the embedding and the lm_head, stored once (ONNX).
+
+        The head's bits and block: the head is where the table costs time. ORT's MatMulNBits runs a
+        65024-row head 1.6-1.75x slower in blocks of 16 than of 32 (benchmarks/tied_head.py), so a tied
+        table at the embedding's 16 made every decode step pay for a finer lookup. Codes by the scale search
+        (or min/max for rtn): a table that also serves a lookup has no one Hessian for GPTQ. Core ML keeps
+        the embedding's choice for a tied table: Apple's runtime, not ORT's kernel, runs it, and its speed
+        cannot be measured on Linux.
+        """
+        head = self.choice(HEAD, "linear", block)
+        return Choice(head.bits, head.block, "rtn" if head.algorithm == "rtn" else "search")
+
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
-    Recipe("int4", "GPTQ 4-bit (calibrated on built-in text or --calibration FILE), embedding in blocks of 16, "
-                   "Mamba dt_proj 8-bit: the lowest KL per bit measured", 4.7, "gptq",
+    Recipe("int4", "GPTQ 4-bit (calibrated on built-in text or --calibration FILE), embedding in blocks of 16 "
+                   "(tied to the lm_head: the head's 32), Mamba dt_proj 8-bit: the lowest KL per bit measured", 4.7, "gptq",
            embedding_block=EMBEDDING_BLOCK, dt_proj_bits=8, calibration=True),
     Recipe("int4-mixed", "int4 plus the lm_head in blocks of 16: ~0.1-0.2 more bits per weight for a few % "
                          "lower KL", 4.8, "gptq", embedding_block=EMBEDDING_BLOCK, head_block=16, dt_proj_bits=8,

@@ -109,26 +109,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--heads-only", action="store_true", help="only the MatMulNBits timing (no exports: seconds, not minutes)")
     a = p.parse_args(argv)
     heads = {int(w): time_heads(65024, int(w), a.threads, a.calls) for w in a.widths.split(",")}
     for w, t in heads.items():
         print(f"| MatMulNBits 65024 x {w} | " + " | ".join(f"block {b}: {ms:.2f} ms" for b, ms in t.items())
               + f" | 16/32 = {t[16] / t[32]:.2f}x |")
-    with tempfile.TemporaryDirectory(prefix="perch-tied-") as tmp:
-        decode = time_decode(export_pair(a.preset, a.quantize, Path(tmp)), a.threads, a.prompt, a.steps, a.rounds)
-    for k, d in decode.items():
-        print(f"| {a.preset} {a.quantize}, tied table in the {k} | decode {d['decode_ms']:.2f} ms/token "
-              f"(rounds {min(d['rounds_ms'])}-{max(d['rounds_ms'])}) | file {d['file_mb']:.1f} MiB |")
-    old, new = decode["embedding's block"], decode["head's block"]
-    pairs = [round(x / y, 3) for x, y in zip(old["rounds_ms"], new["rounds_ms"])]
-    print(f"before / after, per round: {pairs}")
+    decode, pairs = {}, []
+    if not a.heads_only:
+        with tempfile.TemporaryDirectory(prefix="perch-tied-") as tmp:
+            decode = time_decode(export_pair(a.preset, a.quantize, Path(tmp)), a.threads, a.prompt, a.steps, a.rounds)
+        for k, d in decode.items():
+            print(f"| {a.preset} {a.quantize}, tied table in the {k} | decode {d['decode_ms']:.2f} ms/token "
+                  f"(rounds {min(d['rounds_ms'])}-{max(d['rounds_ms'])}) | file {d['file_mb']:.1f} MiB |")
+        old, new = decode["embedding's block"], decode["head's block"]
+        pairs = [round(x / y, 3) for x, y in zip(old["rounds_ms"], new["rounds_ms"])]
+        print(f"before / after, per round: {pairs}")
     RESULTS.mkdir(exist_ok=True)
     import onnxruntime
 
     doc = {**vars(a), "heads_ms": heads, "decode": decode, "round_ratios": pairs,
            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "onnxruntime": onnxruntime.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    (RESULTS / f"tied_head-{a.preset}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (RESULTS / ("tied_head-heads.json" if a.heads_only else f"tied_head-{a.preset}.json")).write_text(json.dumps(doc, indent=2) + "\n")
 
 
 if __name__ == "__main__":

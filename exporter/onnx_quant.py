@@ -259,8 +259,7 @@ def _quantize_matmul(graph: ir.Graph, node: ir.Node, rec, block_size: int, embed
     name = _display(w.name)
     shared = tied and embedding is not None and name == LM_HEAD
     choice = rec.tied_choice(block_size) if shared else rec.choice(name, "linear", block_size)
-    gptq_head = choice and choice.algorithm == "gptq" and not shared  # a shared table has no one Hessian
-    hess = calib.hessian_for(calibration, name) if gptq_head else None
+    hess = calib.hessian_for(calibration, name) if choice and choice.algorithm == "gptq" else None
     if choice and choice.algorithm == "gptq" and hess is None:
         choice = Choice(choice.bits, choice.block, "search")
     reason = _skip_reason(w.name, w.shape[0], choice)

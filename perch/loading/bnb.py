@@ -30,12 +30,12 @@ def _dequantize_bnb(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> s
     for key in [k for k in sd if _BNB_STATE in k]:
         weight, _, quant_type = key.rpartition(_BNB_STATE)
         meta = _guard(weight, _meta_4bit, sd, key)
-        nbytes += math.prod(meta["shape"]) * _itemsize(dtype or getattr(torch, meta["dtype"]))
+        nbytes += math.prod(meta["shape"]) * (dtype or getattr(torch, meta["dtype"])).itemsize
         makers[weight] = functools.partial(_guard, weight, _dequant_4bit, sd, weight, quant_type, dtype)
         kinds.add(quant_type)
     for key in [k for k in sd if k.endswith(".SCB")]:
         module = key[: -len(".SCB")]
-        nbytes += _guard(module, lambda: sd[module + ".weight"].numel()) * _itemsize(dtype or torch.float32)
+        nbytes += _guard(module, lambda: sd[module + ".weight"].numel()) * (dtype or torch.float32).itemsize
         makers[module + ".weight"] = functools.partial(_guard, module + ".weight", _dequant_int8, sd, module, dtype)
         kinds.add("int8")
     if makers:
@@ -46,10 +46,6 @@ def _dequantize_bnb(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> s
 def _meta_4bit(sd: dict, state_key: str) -> dict:
     """The JSON quant state bitsandbytes serializes beside each 4-bit weight (shape, dtype, blocksize...)."""
     return json.loads(bytes(sd[state_key].tolist()).decode())
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _guard(name: str, fn, *args):

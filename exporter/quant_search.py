@@ -44,16 +44,22 @@ def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class _Chunk:
     """The search state of one chunk of blocks (rows, blocks, block), with preallocated scratch arrays.
 
-    Codes are held as d = q - zero (float32); `imp` None means unweighted and skips its multiplies.
+    Codes are held as d = q - zero (float32); `imp` None means unweighted and skips its multiplies. A
+    candidate's error comes from the sums its scale fit already made, e(s) = s^2 <d,d>_w - 2 s <d,x>_w + <x,x>_w,
+    not from another pass over the block; float32 cancellation there can misrank candidates whose errors differ
+    by ~1e-4, so `result` compares the winner with min/max exactly and keeps whichever is better.
     """
 
     def __init__(self, x: np.ndarray, bits: int, imp: np.ndarray | None):
         self.x, self.imp, self.qmax = x, imp, float((1 << bits) - 1)
-        self.d, self.r = np.empty_like(x), np.empty_like(x)
+        self.d = np.empty_like(x)
         self.w = None if imp is None else np.empty_like(x)
+        self.wx = x if imp is None else imp * x
+        self.xx = _dot(self.wx, x)
         q, self.s, z = rtn(x, bits)
         self.z = z.astype(np.float32)
         self.best_d = q.astype(np.float32) - self.z[..., None]
+        self.rtn = (self.best_d.copy(), self.s, self.z)
         self.e = self._err(self.best_d, self.s)
         self.lo = np.minimum(x.min(-1), 0)
         hi = np.maximum(x.max(-1), 0)
@@ -62,42 +68,51 @@ class _Chunk:
 
     def _codes(self, s: np.ndarray, zp: np.ndarray) -> np.ndarray:
         d = self.d
-        np.divide(self.x, s[..., None], out=d)
+        np.multiply(self.x, (1 / s)[..., None], out=d)
         d += zp[..., None]
         np.round(d, out=d)
         np.clip(d, 0, self.qmax, out=d)
         d -= zp[..., None]
         return d
 
-    def _fit(self, d: np.ndarray, fallback: np.ndarray) -> np.ndarray:
-        """Least-squares scale for fixed codes: argmin_s sum imp * (s*d - x)^2 (the fallback where undefined)."""
-        wd = d if self.imp is None else np.multiply(self.imp, d, out=self.w)
-        num, den = _dot(wd, self.x), _dot(wd, d)
+    def _fit(self, d: np.ndarray, fallback: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Least-squares scale for fixed codes, argmin_s sum imp * (s*d - x)^2 (the fallback where undefined),
+        and its error."""
+        num = _dot(d, self.wx)
+        den = _dot(d, d if self.imp is None else np.multiply(self.imp, d, out=self.w))
         s = np.where(den > 0, num / np.where(den > 0, den, 1), 0.0).astype(np.float32)
-        return np.where(s > 0, s, fallback)
+        s = np.where(s > 0, s, fallback)
+        return s, s * (s * den - 2 * num) + self.xx
 
     def _err(self, d: np.ndarray, s: np.ndarray) -> np.ndarray:
-        r = np.multiply(d, s[..., None], out=self.r)
-        r -= self.x
-        return _dot(r, r) if self.imp is None else _dot(np.multiply(self.imp, r, out=self.w), r)
+        """The exact weighted squared error of codes d at scales s."""
+        r = d * s[..., None] - self.x
+        return _dot(r, r) if self.imp is None else _dot(self.imp * r, r)
 
     def trial(self, f: np.ndarray) -> None:
         """Shrink factor f (per block): each zero shift, fitted scale, re-rounded once, kept where better."""
         s0 = f * self.width / self.qmax
         z0 = np.round(-self.lo * f / s0)
+        # at s0 the codes differ between zero shifts only in their clip bounds: round x / s0 once for all three
+        r0 = np.round(self.x * (1 / s0)[..., None])
         for dz in ZERO_SHIFTS:
             zp = np.clip(z0 + dz, 0, self.qmax).astype(np.float32)
-            s = self._fit(self._codes(s0, zp), s0)
+            d = np.maximum(r0, -zp[..., None], out=self.d)
+            s, _ = self._fit(np.minimum(d, (self.qmax - zp)[..., None], out=d), s0)
             # re-round with the fitted scale once: codes and scale agree, as k-quants' refinement step does
-            s = self._fit(self._codes(s, zp), s)
-            e = self._err(self.d, s)
+            s, e = self._fit(self._codes(s, zp), s)
             better = e < self.e
             if better.any():
                 self.e, self.s = np.where(better, e, self.e), np.where(better, s, self.s)
                 self.z, self.f = np.where(better, zp, self.z), np.where(better, f, self.f)
-                self.best_d = np.where(better[..., None], self.d, self.best_d)
+                np.copyto(self.best_d, self.d, where=better[..., None])
 
     def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        d0, s0, z0 = self.rtn
+        worse = self._err(self.best_d, self.s) > self._err(d0, s0)
+        if worse.any():  # never worse than min/max, whatever the error formula's rounding said
+            np.copyto(self.best_d, d0, where=worse[..., None])
+            self.s, self.z = np.where(worse, s0, self.s), np.where(worse, z0, self.z)
         q = self.best_d + self.z[..., None]
         return q.astype(np.uint8), self.s.astype(np.float32), self.z.astype(np.uint8)
 

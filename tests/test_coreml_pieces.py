@@ -177,7 +177,7 @@ def _in_mapped_file(v) -> bool:
     return isinstance(v, mmap.mmap)
 
 
-@pytest.mark.parametrize("quantize", ["none", "int4"])
+@pytest.mark.parametrize("quantize", ["none", "int4", "palettize4"])
 def test_lazy_weights_give_the_same_numbers(quantize, tmp_path, load_preset):
     """The executor's large-model mode (weights dequantized and upcast per use, freed after their last use,
     4-bit codes left packed in the weight file) computes exactly what the load-time folding does."""
@@ -188,8 +188,10 @@ def test_lazy_weights_give_the_same_numbers(quantize, tmp_path, load_preset):
     for prog, lazy in ((program, False), (program, True), (packed, True), (packed, False)):
         ex = MilExecutor(prog, lazy_weights=lazy)
         blobs = [v for v in ex._lazy_consts.values() if isinstance(v, PackedBlob)]
-        # int4: every quantized weight's codes and uint4 offsets stay packed (9 weights in falcon-tiny)
-        assert len(blobs) == (2 * 9 if quantize == "int4" and prog is packed and lazy else 0)
+        # int4: every quantized weight's codes and uint4 offsets stay packed (9 weights in falcon-tiny);
+        # palettize4: every weight's palette indices (a 7B package once failed to load them as uint8)
+        per_weight = {"int4": 2, "palettize4": 1}.get(quantize, 0)
+        assert len(blobs) == (per_weight * 9 if prog is packed and lazy else 0)
         # fp16: the packed load leaves every large weight in the memory-mapped file, none copied
         mapped = [v for v in ex._lazy_consts.values() if _in_mapped_file(v)]
         assert bool(mapped) == (quantize == "none" and prog is packed and lazy)

@@ -113,8 +113,10 @@ def _weights_left_in_file(weights: Path, found: dict[int, tuple[np.ndarray, Pack
             shape = tuple(int(n) for n in t.get_shape()) if types.is_tensor(t) else ()
             if types.is_sub_byte(prim):
                 blob = _packed_blob(weights, value_spec.blobFileValue, shape, prim)
-                placeholder = np.lib.stride_tricks.as_strided(np.zeros(1, blob.dtype), shape, (0,) * len(shape),
-                                                              writeable=False)
+                # coremltools' uint4 numpy dtype (uint8 tagged with its true type): an op checking its input's
+                # bit width (constexpr_lut_to_dense's indices) reads the tag, as from the loader's own arrays
+                placeholder = np.lib.stride_tricks.as_strided(np.zeros(1, types.nptype_from_builtin(prim)), shape,
+                                                              (0,) * len(shape), writeable=False)
                 found[id(placeholder)] = (placeholder, blob)
                 return placeholder
             if prim in (types.fp16, types.fp32) and int(np.prod(shape)) >= MAPPED_TENSOR:

@@ -184,7 +184,10 @@ class TorchCausalLM:
     def __init__(self, model, vocab: int):
         import torch
 
+        from perch.archs.layers import cache_kwarg, output_cache
+
         self.torch, self.model, self.vocab = torch, model, vocab
+        self.cache_kwarg, self.output_cache = cache_kwarg(model), output_cache
         self.reset()
 
     def reset(self):
@@ -195,12 +198,12 @@ class TorchCausalLM:
         self.length += ids.shape[1]
         kw = dict(input_ids=t.from_numpy(ids), attention_mask=t.ones((1, self.length), dtype=t.int64), use_cache=True)
         if self.past is not None:
-            kw["past_key_values" if not hasattr(self.past, "conv_states") else "cache_params"] = self.past
+            kw[self.cache_kwarg] = self.past
         if getattr(self.model.config, "model_type", "") == "falcon_mamba":
             kw["cache_position"] = t.arange(self.length - ids.shape[1], self.length)
         with t.no_grad():
             out = self.model(**kw)
-        self.past = getattr(out, "past_key_values", None) or getattr(out, "cache_params", None)
+        self.past = self.output_cache(out)
         return out.logits[0, -1].float().numpy()
 
     def prefill(self, ids):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from perch.archs.layers import cache_kwarg, output_cache
 from perch.archs.masks import MASK_MIN, additive_mask  # noqa: F401 (MASK_MIN re-exported)
 from perch.spec import ModelIO, StateSpec, TensorSpec
 
@@ -296,8 +297,9 @@ def stateful(core: FalconCore, batch_size: int, state_dtype: torch.dtype, names:
 # ---- transformers' own model as the reference (perch.runtimes.pytorch.reference)
 def reference_forward(model, cache, ids, mask, positions):
     """One call of transformers' Falcon with its dynamic cache: any chunk continues correctly."""
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-    return out.logits, out.past_key_values
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                **{cache_kwarg(model): cache})
+    return out.logits, output_cache(out)
 
 
 def reference_state(cache, config) -> dict[str, torch.Tensor]:

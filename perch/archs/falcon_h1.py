@@ -25,7 +25,7 @@ from torch import nn
 from perch.archs.falcon import rotary_tables, rotate_half, rope_theta
 from perch.archs.masks import MASK_MIN, additive_mask
 from perch.archs.falcon_mamba import a_log_to_a
-from perch.archs.layers import RMSNorm
+from perch.archs.layers import RMSNorm, cache_kwarg, output_cache
 from perch.archs.mamba2 import GatedNorm, scan_loop, scan_ssd
 from perch.spec import ModelIO, StateSpec, TensorSpec
 
@@ -380,8 +380,9 @@ def stateful(core: FalconH1Core, batch_size: int, state_dtype: torch.dtype, name
 def reference_forward(model, cache, ids, mask, positions):
     """transformers' Falcon-H1 as the reference: its multi-token forward continues from a non-empty cache
     (checked: chunks and single steps both equal a full forward to ~6e-7, unlike Falcon-Mamba's)."""
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
-    return out.logits, out.cache
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                **{cache_kwarg(model): cache})
+    return out.logits, output_cache(out)
 
 
 def reference_state(cache, config) -> dict[str, torch.Tensor]:

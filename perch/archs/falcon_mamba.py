@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from perch.archs.layers import RMSNorm
+from perch.archs.layers import RMSNorm, cache_kwarg, output_cache
 from perch.spec import ModelIO, StateSpec, TensorSpec
 
 NAME = "falcon_mamba"
@@ -300,11 +300,11 @@ def reference_forward(model, cache, ids, mask, positions):
     stored state goes one token at a time; a first chunk (no cache) runs whole."""
     if cache is None:
         out = model(input_ids=ids, attention_mask=mask[:, -ids.shape[1]:], use_cache=True)
-        return out.logits, out.cache_params
+        return out.logits, output_cache(out)
     logits = []
     for t in range(ids.shape[1]):
-        out = model(input_ids=ids[:, t : t + 1], cache_params=cache, use_cache=True)
-        cache = out.cache_params
+        out = model(input_ids=ids[:, t : t + 1], use_cache=True, **{cache_kwarg(model): cache})
+        cache = output_cache(out)
         logits.append(out.logits)
     return torch.cat(logits, dim=1), cache
 

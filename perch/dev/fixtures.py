@@ -224,17 +224,19 @@ def _causal_conv1d_torch(hidden_states, weight, bias=None, activation=None, **kw
 def cpu_trainable_falcon_mamba() -> Iterator[None]:
     """Route HF FalconMamba's full-sequence path through torch functions that train fast on CPU.
 
-    Patches three module-level functions of `modeling_falcon_mamba` and restores them on exit.
-    `mamba_inner_fn` returning None makes HF take its unfused path (mamba_ssm's is CUDA-only).
+    Patches module-level functions of `modeling_falcon_mamba` and restores them on exit. Before
+    transformers 5.25 the model also had a fused `mamba_inner_fn` path (mamba_ssm's, CUDA-only): where it
+    exists it is made to return None, so HF takes its unfused path; 5.25 dropped it.
     """
     from transformers.models.falcon_mamba import modeling_falcon_mamba as hf
 
-    patches = {"mamba_inner_fn": lambda *a, **k: None, "causal_conv1d_fn": _causal_conv1d_torch,
-               "mamba_selective_scan": _selective_scan_stepwise}
+    patches = {"causal_conv1d_fn": _causal_conv1d_torch, "mamba_selective_scan": _selective_scan_stepwise}
     missing = [name for name in patches if not hasattr(hf, name)]
     if missing:
         raise PerchError(f"transformers {hf.__name__} lacks {missing}: update perch.dev.fixtures for this "
                          "transformers version")
+    if hasattr(hf, "mamba_inner_fn"):
+        patches["mamba_inner_fn"] = lambda *a, **k: None
     saved = {name: getattr(hf, name) for name in patches}
     try:
         for name, fn in patches.items():

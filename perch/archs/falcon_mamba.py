@@ -4,7 +4,7 @@ Loads the transformers state dict strictly. Unlike transformers (whose multi-tok
 from zero when a cache is passed, see docs/traps.md), every call here continues from the stored conv and SSM
 state, so a prompt can be fed in chunks. The selective scan has three interchangeable forms:
 - "loop": sequential, the plain definition (eager reference; a traced loop fixes its length, so not for export);
-- "logdepth": Hillis-Steele doubling with `F.pad` shifts, a fixed log2(max_context) rounds (jit.trace, Core ML);
+- "logdepth": Hillis-Steele doubling, a fixed log2(max_context) rounds of shifts (jit.trace, Core ML);
 - "scan": torch's `scan` higher-order op, which exports to an ONNX `Scan` with a dynamic length.
 """
 from __future__ import annotations
@@ -96,16 +96,25 @@ def scan_loop(da: torch.Tensor, dbu: torch.Tensor, h0: torch.Tensor) -> torch.Te
 def scan_logdepth(da: torch.Tensor, dbu: torch.Tensor, h0: torch.Tensor, rounds: int) -> torch.Tensor:
     """The same recurrence in `rounds` doubling steps (enough for T <= 2**rounds), with no data-dependent loop.
 
-    Each round composes every element with the one `s` steps earlier; `F.pad` supplies the identity (a=1,
-    b=0) past the start without baking constants into the weights (a `torch.cat` of ones would).
+    Each round composes every element with the one `s` steps earlier, the identity (a=1, b=0) supplying what
+    lies before the start.
     """
     a, b = da, dbu
     for r in range(rounds):
         s = 2**r
-        a_prev = F.pad(a, (0, 0, s, 0), value=1.0)[:, :, : a.shape[2]]
-        b_prev = F.pad(b, (0, 0, s, 0), value=0.0)[:, :, : b.shape[2]]
-        a, b = a * a_prev, a * b_prev + b
+        a, b = a * _later(a, s, torch.ones_like), a * _later(b, s, torch.zeros_like) + b
     return a * h0.unsqueeze(2) + b
+
+
+def _later(x: torch.Tensor, s: int, fill) -> torch.Tensor:
+    """`x` (B, D, T, N) moved `s` steps later in time, `fill` (ones_like, zeros_like) before the start.
+
+    The fill is made like `x[:, :, :s]`, so it has min(s, T) steps: every round costs O(T). An `F.pad` by `s`
+    built T + s steps, which at 11 rounds (2048 context) wrote ~2048 steps of (D, N) per layer even for a
+    one-token decode, in the graph and while tracing. A fill made like a slice of `x` bakes no constant into
+    the weights, as `torch.ones` of a fixed shape would.
+    """
+    return torch.cat([fill(x[:, :, :s]), x], dim=2)[:, :, : x.shape[2]]
 
 
 def _scan_step(h: torch.Tensor, x: tuple[torch.Tensor, torch.Tensor]):

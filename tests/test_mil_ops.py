@@ -173,6 +173,22 @@ def test_kernels_without_reference():
     assert hot.shape == (2, 4, 2) and hot[0, 1, 0] == 2.0 and hot[0, 0, 0] == -1.0
 
 
+@pytest.mark.parametrize("slab", [8, 24, 40])
+def test_lut_in_slabs_matches_coremltools(monkeypatch, slab):
+    """The LUT gather runs in slabs of rows (to bound its intp copy): slabs of whole tables, slabs inside one
+    table, and uneven last slabs give coremltools' dense weight exactly."""
+    from coremltools.optimize import _utils as ct_utils
+
+    monkeypatch.setattr(mil_ops, "_LUT_SLAB", slab)
+    rng = np.random.default_rng(1)
+    indices = rng.integers(0, 4, (12, 8)).astype(np.uint8)
+    for lut_shape, axis in (((1, 1, 4, 1), None), ((3, 1, 4, 1), None), ((6, 2, 4, 1), None),
+                            ((2, 1, 4, 3), 0), ((4, 2, 4, 2), 1)):
+        lut = rng.standard_normal(lut_shape).astype(np.float16)
+        ours = mil_ops.OPS["constexpr_lut_to_dense"](indices=indices, lut=lut, vector_axis=axis)
+        np.testing.assert_array_equal(ours, ct_utils.lut_to_dense(indices, lut, axis))
+
+
 def test_dequantization_kernels_match_coremltools():
     """Grouped and vector LUTs, block-wise offsets, affine: against coremltools' own decompress."""
     from coremltools.optimize import _utils as ct_utils

@@ -56,6 +56,10 @@ class _Plan:
 
 LAZY_ABOVE = 1 << 30  # weight bytes above which weights are dequantized per use (auto)
 LAZY_TENSOR = 1 << 12  # fp16 consts at least this many values stay fp16 and are upcast per use in lazy mode
+# Inputs an op only moves (their values reach the output unchanged, and the output is rounded to the same
+# dtype): upcasting them first would copy a whole fp16 table to fp32 to gather one row of it (1 GB for a 7B
+# embedding, per call with lazy weights).
+_MOVED_AS_STORED = {("gather", "x")}
 
 
 def load_program(path: str | os.PathLike) -> MilProgram:
@@ -259,7 +263,7 @@ class MilExecutor:
             elif types.is_state(arg.sym_type):
                 const_kw[param] = arg.name  # state ops address the state by name
             else:
-                key, value, up = self._ref(arg, upcast)
+                key, value, up = self._ref(arg, upcast and (op.op_type, param) not in _MOVED_AS_STORED)
                 if key is None:
                     const_kw[param] = value
                 else:

@@ -15,6 +15,7 @@ from torch import nn
 import coremltools as ct
 
 from perch.runtimes.mil import ops as mil_ops
+from perch.runtimes.mil import ops_compress
 from perch.runtimes.mil.executor import MilExecutor
 
 
@@ -179,7 +180,7 @@ def test_lut_in_slabs_matches_coremltools(monkeypatch, slab):
     table, and uneven last slabs give coremltools' dense weight exactly."""
     from coremltools.optimize import _utils as ct_utils
 
-    monkeypatch.setattr(mil_ops, "_LUT_SLAB", slab)
+    monkeypatch.setattr(ops_compress, "_LUT_SLAB", slab)
     rng = np.random.default_rng(1)
     indices = rng.integers(0, 4, (12, 8)).astype(np.uint8)
     for lut_shape, axis in (((1, 1, 4, 1), None), ((3, 1, 4, 1), None), ((6, 2, 4, 1), None),
